@@ -1,0 +1,157 @@
+//! A client of the local API: HTTP/1.1 over the daemon's unix socket.
+//!
+//! The `cachemesh` command line is built on it, and so are the end-to-end tests. One
+//! connection per request keeps it simple and is cheap on a unix socket.
+//!
+//! Non-goals: retries, connection pooling. A caller that wants them wraps this.
+
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use cachemesh_proto::ObjectId;
+use cachemesh_proto::api::{ErrorBody, ErrorCode, PutObjectResponse, StatusResponse};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body, Incoming};
+use hyper_util::rt::TokioIo;
+use tokio::net::UnixStream;
+
+/// What went wrong talking to the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The socket could not be reached.
+    #[error("cannot connect to the daemon at {socket}: {source} (is cachemeshd running?)")]
+    Connect {
+        /// The socket path.
+        socket: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The HTTP exchange failed.
+    #[error("talking to the daemon failed: {0}")]
+    Http(#[from] hyper::Error),
+    /// The request could not be built.
+    #[error("bad request: {0}")]
+    Request(#[from] http::Error),
+    /// The daemon answered with an error.
+    #[error("{message} ({code})", code = code.as_str())]
+    Api {
+        /// HTTP status.
+        status: StatusCode,
+        /// Stable code.
+        code: ErrorCode,
+        /// Message.
+        message: String,
+    },
+    /// The daemon answered something that is not the documented JSON.
+    #[error("unexpected answer from the daemon (status {status}): {detail}")]
+    Unexpected {
+        /// HTTP status.
+        status: StatusCode,
+        /// What was wrong.
+        detail: String,
+    },
+}
+
+/// A client of one daemon's API socket.
+#[derive(Debug, Clone)]
+pub struct Client {
+    socket: PathBuf,
+}
+
+impl Client {
+    /// A client of the daemon listening on `socket`.
+    pub fn new(socket: impl Into<PathBuf>) -> Self {
+        Self { socket: socket.into() }
+    }
+
+    /// The socket path.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Sends one request and returns the response head with its streaming body.
+    pub async fn send<B>(&self, request: Request<B>) -> Result<Response<Incoming>, ClientError>
+    where
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let stream = UnixStream::connect(&self.socket)
+            .await
+            .map_err(|source| ClientError::Connect { socket: self.socket.clone(), source })?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(async move {
+            // The connection ends when the response body is dropped; its error, if any, has
+            // already reached the caller through the response.
+            let _ = connection.await;
+        });
+        Ok(sender.send_request(request).await?)
+    }
+
+    /// Sends a request with a small in-memory body and collects the whole answer.
+    pub async fn send_bytes(
+        &self,
+        method: Method,
+        path: &str,
+        body: Bytes,
+    ) -> Result<(StatusCode, Bytes), ClientError> {
+        let request = Request::builder().method(method).uri(path).header("host", "cachemesh").body(Full::new(body))?;
+        let response = self.send(request).await?;
+        let status = response.status();
+        let body = response.into_body().collect().await?.to_bytes();
+        Ok((status, body))
+    }
+
+    /// `GET /v1/status`.
+    pub async fn status(&self) -> Result<StatusResponse, ClientError> {
+        let (status, body) = self.send_bytes(Method::GET, "/v1/status", Bytes::new()).await?;
+        parse_json(status, &body)
+    }
+
+    /// `PUT /v1/objects` with a streaming body.
+    pub async fn put_object<B>(&self, body: B) -> Result<PutObjectResponse, ClientError>
+    where
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let request =
+            Request::builder().method(Method::PUT).uri("/v1/objects").header("host", "cachemesh").body(body)?;
+        let response = self.send(request).await?;
+        let status = response.status();
+        let body = response.into_body().collect().await?.to_bytes();
+        parse_json(status, &body)
+    }
+
+    /// `GET /v1/objects/{id}`, optionally with a `Range` header value; the body streams.
+    pub async fn get_object(&self, id: &ObjectId, range: Option<&str>) -> Result<Response<Incoming>, ClientError> {
+        let mut request =
+            Request::builder().method(Method::GET).uri(format!("/v1/objects/{id}")).header("host", "cachemesh");
+        if let Some(range) = range {
+            request = request.header(http::header::RANGE, range);
+        }
+        let response = self.send(request.body(Full::new(Bytes::new()))?).await?;
+        if response.status().is_success() {
+            return Ok(response);
+        }
+        let status = response.status();
+        let body = response.into_body().collect().await?.to_bytes();
+        Err(api_error(status, &body))
+    }
+}
+
+/// Turns an error answer into [`ClientError::Api`] (or `Unexpected` when it is not JSON).
+pub fn api_error(status: StatusCode, body: &[u8]) -> ClientError {
+    match serde_json::from_slice::<ErrorBody>(body) {
+        Ok(error) => ClientError::Api { status, code: error.error.code, message: error.error.message },
+        Err(_) => ClientError::Unexpected { status, detail: String::from_utf8_lossy(body).chars().take(200).collect() },
+    }
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(status: StatusCode, body: &[u8]) -> Result<T, ClientError> {
+    if !status.is_success() {
+        return Err(api_error(status, body));
+    }
+    serde_json::from_slice(body).map_err(|error| ClientError::Unexpected { status, detail: error.to_string() })
+}

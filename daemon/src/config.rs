@@ -1,0 +1,274 @@
+//! Daemon settings: command-line flags, `CACHEMESH_*` environment variables, a TOML file,
+//! and defaults that work with no setup. Precedence: flag > environment > file > default.
+//!
+//! Default paths follow who runs the daemon:
+//! - root (a system service): config `/etc/cachemesh/cachemeshd.toml`, data
+//!   `/var/lib/cachemesh`, socket `/run/cachemesh/api.sock`, origin
+//!   `/var/lib/cachemesh/origin`;
+//! - a normal user: config `$XDG_CONFIG_HOME/cachemesh/cachemeshd.toml`, data
+//!   `$XDG_CACHE_HOME/cachemesh`, socket `$XDG_RUNTIME_DIR/cachemesh/api.sock` (or
+//!   `<data>/api.sock`), origin `$XDG_DATA_HOME/cachemesh/origin`.
+//!
+//! The default config file is read only if it exists; a file named with `--config` must.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::store::IoBackendChoice;
+
+/// Default chunk cache budget.
+pub const CACHE_SIZE_DEFAULT_BYTES: u64 = 10 * 1024 * 1024 * 1024;
+/// Smallest budget accepted: two chunks, so that a read and a write can both be resident.
+pub const CACHE_SIZE_MIN_BYTES: u64 = 2 * cachemesh_proto::limits::CHUNK_BYTES_MAX as u64;
+
+/// A byte size given as `64GiB`, `512MB`, `4096` and so on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl std::str::FromStr for ByteSize {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        text.trim()
+            .parse::<bytesize::ByteSize>()
+            .map(|size| Self(size.as_u64()))
+            .map_err(|error| format!("{text:?} is not a size like 64GiB, 500MB or 1048576: {error}"))
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(u64),
+            Text(String),
+        }
+        match Raw::deserialize(deserializer)? {
+            Raw::Number(bytes) => Ok(Self(bytes)),
+            Raw::Text(text) => text.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// Settings that can come from flags, the environment or the file; `None` means unset.
+#[derive(Debug, Clone, Default, clap::Args, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Directory for the chunk store and its index.
+    #[arg(long, env = "CACHEMESH_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Unix socket of the local API.
+    #[arg(long, env = "CACHEMESH_API_SOCKET", value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
+    /// Origin object store: file:///DIR, /DIR or s3://BUCKET/PREFIX.
+    #[arg(long, env = "CACHEMESH_ORIGIN", value_name = "URL")]
+    pub origin: Option<String>,
+    /// Byte budget of the chunk cache, e.g. 64GiB.
+    #[arg(long, env = "CACHEMESH_CACHE_SIZE", value_name = "BYTES")]
+    pub cache_size: Option<ByteSize>,
+    /// Address to serve Prometheus metrics on over TCP (they are always on the API socket at /metrics).
+    #[arg(long, env = "CACHEMESH_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Chunk I/O backend.
+    #[arg(long, env = "CACHEMESH_IO_BACKEND", value_enum)]
+    pub io_backend: Option<IoBackendChoice>,
+    /// Hash-check every chunk read from the local disk before serving it.
+    #[arg(long, env = "CACHEMESH_VERIFY_READS", value_name = "BOOL")]
+    pub verify_reads: Option<bool>,
+    /// Most origin requests in flight.
+    #[arg(long, env = "CACHEMESH_ORIGIN_CONCURRENCY", value_name = "N")]
+    pub origin_concurrency: Option<usize>,
+    /// Log format: text or json.
+    #[arg(long, env = "CACHEMESH_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+/// How logs are written to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The daemon's resolved configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// API socket path.
+    pub api_socket: PathBuf,
+    /// Origin URL.
+    pub origin: String,
+    /// Cache budget in bytes.
+    pub cache_size_bytes: u64,
+    /// Metrics TCP listener.
+    pub metrics_listen: Option<SocketAddr>,
+    /// I/O backend choice.
+    pub io_backend: IoBackendChoice,
+    /// Verify reads.
+    pub verify_reads: bool,
+    /// Origin concurrency.
+    pub origin_concurrency: usize,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// The config file that was read, if any.
+    pub config_file: Option<PathBuf>,
+}
+
+/// Configuration errors.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The file is not valid.
+    #[error("config file {path}: {detail}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
+    /// A value is out of range.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn is_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    // /proc/self belongs to the process's effective user; this avoids unsafe FFI.
+    std::fs::metadata("/proc/self").is_ok_and(|metadata| metadata.uid() == 0)
+}
+
+fn home() -> PathBuf {
+    std::env::var_os("HOME").map_or_else(|| PathBuf::from("/tmp"), PathBuf::from)
+}
+
+fn xdg(variable: &str, fallback: &str) -> PathBuf {
+    std::env::var_os(variable).filter(|value| !value.is_empty()).map_or_else(|| home().join(fallback), PathBuf::from)
+}
+
+/// The default config file for whoever runs the daemon.
+pub fn default_config_file() -> PathBuf {
+    if is_root() {
+        PathBuf::from("/etc/cachemesh/cachemeshd.toml")
+    } else {
+        xdg("XDG_CONFIG_HOME", ".config").join("cachemesh/cachemeshd.toml")
+    }
+}
+
+/// The default data directory.
+pub fn default_data_dir() -> PathBuf {
+    if is_root() { PathBuf::from("/var/lib/cachemesh") } else { xdg("XDG_CACHE_HOME", ".cache").join("cachemesh") }
+}
+
+/// The default API socket: the same rule for the daemon and the CLI.
+pub fn default_api_socket() -> PathBuf {
+    if is_root() {
+        return PathBuf::from("/run/cachemesh/api.sock");
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR").filter(|value| !value.is_empty()) {
+        Some(runtime) => PathBuf::from(runtime).join("cachemesh/api.sock"),
+        None => default_data_dir().join("api.sock"),
+    }
+}
+
+fn default_origin() -> String {
+    let dir = if is_root() {
+        PathBuf::from("/var/lib/cachemesh/origin")
+    } else {
+        xdg("XDG_DATA_HOME", ".local/share").join("cachemesh/origin")
+    };
+    format!("file://{}", dir.display())
+}
+
+fn read_file(path: &Path) -> Result<Settings, ConfigError> {
+    let text =
+        std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+    toml::from_str(&text).map_err(|error| ConfigError::Parse { path: path.to_path_buf(), detail: error.to_string() })
+}
+
+impl Config {
+    /// Resolves flags and environment (already merged by clap) over the config file and
+    /// the defaults.
+    pub fn resolve(config_file: Option<&Path>, flags: Settings) -> Result<Self, ConfigError> {
+        let (file, config_file) = match config_file {
+            Some(path) => (read_file(path)?, Some(path.to_path_buf())),
+            None => {
+                let path = default_config_file();
+                if path.exists() { (read_file(&path)?, Some(path)) } else { (Settings::default(), None) }
+            }
+        };
+        let cache_size_bytes = flags.cache_size.or(file.cache_size).map_or(CACHE_SIZE_DEFAULT_BYTES, |size| size.0);
+        if cache_size_bytes < CACHE_SIZE_MIN_BYTES {
+            return Err(ConfigError::Invalid(format!(
+                "cache size {cache_size_bytes} bytes is below the minimum of {CACHE_SIZE_MIN_BYTES} bytes (two chunks)"
+            )));
+        }
+        let data_dir = flags.data_dir.or(file.data_dir).unwrap_or_else(default_data_dir);
+        let data_dir = std::path::absolute(&data_dir).unwrap_or(data_dir);
+        Ok(Self {
+            api_socket: flags.api_socket.or(file.api_socket).unwrap_or_else(default_api_socket),
+            origin: flags.origin.or(file.origin).unwrap_or_else(default_origin),
+            cache_size_bytes,
+            metrics_listen: flags.metrics_listen.or(file.metrics_listen),
+            io_backend: flags.io_backend.or(file.io_backend).unwrap_or(IoBackendChoice::Auto),
+            verify_reads: flags.verify_reads.or(file.verify_reads).unwrap_or(true),
+            origin_concurrency: flags
+                .origin_concurrency
+                .or(file.origin_concurrency)
+                .unwrap_or(crate::origin::ORIGIN_CONCURRENCY_DEFAULT),
+            log_format: flags.log_format.or(file.log_format).unwrap_or_default(),
+            data_dir,
+            config_file,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_in_the_forms_users_write() {
+        // Goal: sizes accept binary and decimal units and plain bytes; garbage is refused.
+        assert_eq!("64GiB".parse::<ByteSize>(), Ok(ByteSize(64 << 30)));
+        assert_eq!("512 MiB".parse::<ByteSize>(), Ok(ByteSize(512 << 20)));
+        assert_eq!("1MB".parse::<ByteSize>(), Ok(ByteSize(1_000_000)));
+        assert_eq!("4096".parse::<ByteSize>(), Ok(ByteSize(4096)));
+        assert!("lots".parse::<ByteSize>().is_err());
+    }
+
+    #[test]
+    fn flags_override_file() {
+        // Goal: a flag wins over the file; the file wins over the default.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "cache_size = \"1GiB\"\norigin = \"file:///srv/o\"\nverify_reads = false\n").unwrap();
+        let flags = Settings { cache_size: Some(ByteSize(2 << 30)), ..Settings::default() };
+        let config = Config::resolve(Some(&path), flags).unwrap();
+        assert_eq!(config.cache_size_bytes, 2 << 30);
+        assert_eq!(config.origin, "file:///srv/o");
+        assert!(!config.verify_reads);
+    }
+
+    #[test]
+    fn unknown_keys_in_the_file_are_errors() {
+        // Goal: a typo in the config file is reported, not silently ignored.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "cache_sise = 5\n").unwrap();
+        assert!(matches!(Config::resolve(Some(&path), Settings::default()), Err(ConfigError::Parse { .. })));
+    }
+}

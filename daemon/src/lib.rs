@@ -1,0 +1,15 @@
+//! cachemesh node daemon (`cachemeshd`) and the `cachemesh` command line.
+//!
+//! One module per concern; see `docs/architecture.md` for the code map and invariants.
+//! I/O lives at the edges (`store`, `origin`, `api`); decisions are plain structs
+//! (`store::residency`).
+
+pub mod api;
+pub mod client;
+pub mod config;
+pub mod fetch;
+pub mod metrics;
+pub mod node;
+pub mod objects;
+pub mod origin;
+pub mod store;

@@ -1,0 +1,86 @@
+//! Starting and stopping one node: wires store, origin, fetcher and API together.
+//!
+//! Shutdown is explicit: a `CancellationToken` stops accepting, open connections get
+//! [`SHUTDOWN_GRACE`] to finish, recency is written back and the socket is removed.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::api::{self, ApiState};
+use crate::config::Config;
+use crate::fetch::Fetcher;
+use crate::objects::Objects;
+use crate::origin::Origin;
+use crate::store::{Store, StoreConfig};
+
+/// How long open API connections may take to finish at shutdown.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// How often last-use times are written back to the index.
+pub const RECENCY_FLUSH_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Runs the daemon until `shutdown` is cancelled.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let metrics = crate::metrics::install().context("installing the metrics recorder")?;
+    let origin = Arc::new(Origin::open(&config.origin, config.origin_concurrency)?);
+    let store = Store::open(StoreConfig {
+        data_dir: config.data_dir.clone(),
+        budget_bytes: config.cache_size_bytes,
+        verify_reads: config.verify_reads,
+        io_backend: config.io_backend,
+    })
+    .await
+    .with_context(|| format!("opening the chunk store in {}", config.data_dir.display()))?;
+    let objects = Objects::new(Fetcher::new(store.clone(), origin.clone()));
+    let listener = api::bind_socket(&config.api_socket)
+        .with_context(|| format!("binding the API socket {}", config.api_socket.display()))?;
+    let tracker = TaskTracker::new();
+    tracker.spawn(crate::metrics::upkeep(metrics.clone(), shutdown.clone()));
+    if let Some(address) = config.metrics_listen {
+        let listener =
+            crate::metrics::bind(address).await.with_context(|| format!("binding the metrics listener {address}"))?;
+        tracing::info!(address = %listener.local_addr().unwrap_or(address), "serving metrics over TCP");
+        tracker.spawn(crate::metrics::serve_tcp(listener, metrics.clone(), shutdown.clone()));
+    }
+    tracker.spawn(flush_recency_periodically(store.clone(), shutdown.clone()));
+    let state = ApiState { objects, started, metrics, shutdown: shutdown.clone() };
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        api_socket = %config.api_socket.display(),
+        data_dir = %config.data_dir.display(),
+        origin = origin.description(),
+        cache_size_bytes = config.cache_size_bytes,
+        io_backend = store.io_backend().name(),
+        "cachemeshd ready"
+    );
+    api::serve(listener, api::router(state), shutdown.clone(), tracker.clone()).await;
+    tracing::info!("shutting down");
+    tracker.close();
+    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait()).await.is_err() {
+        tracing::warn!("some API connections did not finish within the shutdown grace period");
+    }
+    if let Err(error) = store.flush_recency().await {
+        tracing::warn!(%error, "could not write back last-use times");
+    }
+    let _ = std::fs::remove_file(&config.api_socket);
+    Ok(())
+}
+
+async fn flush_recency_periodically(store: Store, shutdown: CancellationToken) {
+    let mut interval = tokio::time::interval(RECENCY_FLUSH_INTERVAL);
+    interval.tick().await;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = interval.tick() => {
+                if let Err(error) = store.flush_recency().await {
+                    tracing::warn!(%error, "could not write back last-use times");
+                }
+            }
+        }
+    }
+}

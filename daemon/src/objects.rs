@@ -1,0 +1,271 @@
+//! Objects: cutting a byte stream into chunks and publishing it, and reading objects back.
+//!
+//! Put: the body is cut into `CHUNK_BYTES_MAX` chunks; each chunk is hashed, kept in the
+//! local store and uploaded to the origin by its own task, at most [`PUT_WINDOW_CHUNKS`] at
+//! once, so memory stays bounded whatever the body's size. The manifest is published to the
+//! origin only after every chunk is there: a failed or abandoned put publishes nothing.
+//! The answer is sent only after the manifest is written, so an acknowledged put survives
+//! any crash of this node.
+//!
+//! Get: the manifest is found locally or in the origin (and checked against its id), then
+//! the chunks covering the requested range are fetched with [`FETCH_WINDOW_CHUNKS`] in
+//! flight, in order, and cut to the range.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use cachemesh_proto::api::PutObjectResponse;
+use cachemesh_proto::limits::{CHUNK_BYTES_MAX, OBJECT_BYTES_MAX};
+use cachemesh_proto::{ChunkId, Manifest, ObjectId};
+use futures::stream::{FuturesOrdered, Stream, StreamExt};
+
+use crate::fetch::{FetchError, Fetcher, Source};
+use crate::origin::OriginError;
+use crate::store::StoreError;
+
+/// Chunks of one put being hashed, stored and uploaded at once.
+pub const PUT_WINDOW_CHUNKS: usize = 8;
+/// Chunks of one read in flight at once.
+pub const FETCH_WINDOW_CHUNKS: usize = 8;
+
+/// Why a put failed. Nothing was published.
+#[derive(Debug, thiserror::Error)]
+pub enum PutError {
+    /// The client's body broke off.
+    #[error("the request body broke off after {received} bytes: {detail}")]
+    BodyIncomplete {
+        /// Bytes received.
+        received: u64,
+        /// The cause.
+        detail: String,
+    },
+    /// The body is larger than `OBJECT_BYTES_MAX`.
+    #[error("the object is larger than OBJECT_BYTES_MAX")]
+    TooLarge,
+    /// The origin failed.
+    #[error(transparent)]
+    Origin(#[from] OriginError),
+    /// A chunk task died.
+    #[error("a chunk upload task failed: {0}")]
+    Task(String),
+}
+
+/// Why an object cannot be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// Neither the store nor the origin has it.
+    #[error("object {0} not found")]
+    NotFound(ObjectId),
+    /// The origin failed.
+    #[error(transparent)]
+    Origin(OriginError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Why pinning failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PinError {
+    /// The object could not be opened.
+    #[error(transparent)]
+    Open(#[from] OpenError),
+    /// A chunk could not be fetched.
+    #[error(transparent)]
+    Fetch(#[from] FetchError),
+    /// The store could not keep every chunk.
+    #[error("the store cannot hold every chunk of object {0}: pinned bytes would exceed the cache budget")]
+    NoRoom(ObjectId),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Puts and reads objects.
+#[derive(Debug, Clone)]
+pub struct Objects {
+    fetcher: Fetcher,
+}
+
+struct ChunkDone {
+    id: ChunkId,
+    uploaded: bool,
+}
+
+impl Objects {
+    /// Objects over this fetcher's tiers.
+    pub fn new(fetcher: Fetcher) -> Self {
+        Self { fetcher }
+    }
+
+    /// The fetcher.
+    pub fn fetcher(&self) -> &Fetcher {
+        &self.fetcher
+    }
+
+    fn spawn_chunk(&self, data: Bytes) -> tokio::task::JoinHandle<Result<ChunkDone, OriginError>> {
+        let fetcher = self.fetcher.clone();
+        tokio::spawn(async move {
+            let id = ChunkId::of(&data);
+            let (stored, uploaded) =
+                tokio::join!(fetcher.store().write_chunk(id, data.clone()), fetcher.origin().put_chunk(&id, data));
+            if let Err(error) = stored {
+                // The origin holds the chunk; the local copy is only a cache.
+                tracing::warn!(chunk = %id, %error, "could not keep an uploaded chunk in the local store");
+            }
+            Ok(ChunkDone { id, uploaded: uploaded? })
+        })
+    }
+
+    /// Cuts `body` into chunks, stores and uploads them, then publishes the manifest.
+    pub async fn put<S, E>(&self, body: S) -> Result<PutObjectResponse, PutError>
+    where
+        S: Stream<Item = Result<Bytes, E>>,
+        E: std::fmt::Display,
+    {
+        let chunk_bytes = CHUNK_BYTES_MAX as usize;
+        let mut body = std::pin::pin!(body);
+        let mut buffer = BytesMut::new();
+        let mut received: u64 = 0;
+        let mut in_flight = FuturesOrdered::new();
+        let mut chunks = Vec::new();
+        let mut chunks_uploaded = 0u64;
+        let mut collect =
+            |done: Result<Result<ChunkDone, OriginError>, tokio::task::JoinError>| -> Result<(), PutError> {
+                let done = done.map_err(|error| PutError::Task(error.to_string()))??;
+                chunks.push(done.id);
+                chunks_uploaded += u64::from(done.uploaded);
+                Ok(())
+            };
+        while let Some(frame) = body.next().await {
+            let frame = frame.map_err(|error| PutError::BodyIncomplete { received, detail: error.to_string() })?;
+            received += frame.len() as u64;
+            if received > OBJECT_BYTES_MAX {
+                return Err(PutError::TooLarge);
+            }
+            let mut frame = frame;
+            while !frame.is_empty() {
+                if buffer.is_empty() && frame.len() >= chunk_bytes {
+                    // A whole chunk inside one frame: no copy.
+                    in_flight.push_back(self.spawn_chunk(frame.split_to(chunk_bytes)));
+                } else {
+                    if buffer.capacity() == 0 {
+                        buffer.reserve(chunk_bytes);
+                    }
+                    let take = frame.len().min(chunk_bytes - buffer.len());
+                    buffer.extend_from_slice(&frame.split_to(take));
+                    if buffer.len() == chunk_bytes {
+                        in_flight.push_back(self.spawn_chunk(buffer.split().freeze()));
+                    }
+                }
+                while in_flight.len() >= PUT_WINDOW_CHUNKS {
+                    if let Some(done) = in_flight.next().await {
+                        collect(done)?;
+                    }
+                }
+            }
+        }
+        if !buffer.is_empty() {
+            in_flight.push_back(self.spawn_chunk(buffer.split().freeze()));
+        }
+        while let Some(done) = in_flight.next().await {
+            collect(done)?;
+        }
+        let manifest =
+            Manifest::new(received, CHUNK_BYTES_MAX, chunks).map_err(|error| PutError::Task(error.to_string()))?;
+        let object_id = self.fetcher.origin().put_manifest(&manifest).await?;
+        if let Err(error) = self.fetcher.store().put_manifest(&manifest).await {
+            tracing::warn!(object = %object_id, %error, "could not keep a manifest in the local store");
+        }
+        tracing::info!(object = %object_id, length = received, chunks_uploaded, "object put");
+        Ok(PutObjectResponse {
+            object_id,
+            length: received,
+            chunk_count: manifest.chunks().len() as u64,
+            chunks_uploaded,
+        })
+    }
+
+    /// The manifest of `id`, from the store or else the origin (verified, then kept).
+    pub async fn open(&self, id: &ObjectId) -> Result<Manifest, OpenError> {
+        if let Some(manifest) = self.fetcher.store().manifest(id).await? {
+            return Ok(manifest);
+        }
+        let manifest = match self.fetcher.origin().get_manifest(id).await {
+            Ok(manifest) => manifest,
+            Err(OriginError::NotFound { .. }) => return Err(OpenError::NotFound(*id)),
+            Err(error) => return Err(OpenError::Origin(error)),
+        };
+        if let Err(error) = self.fetcher.store().put_manifest(&manifest).await {
+            tracing::warn!(object = %id, %error, "could not keep a manifest in the local store");
+        }
+        Ok(manifest)
+    }
+
+    /// The bytes of `range` of the object, in order, as a stream of verified pieces.
+    pub fn read(
+        &self,
+        manifest: Arc<Manifest>,
+        range: Range<u64>,
+    ) -> impl Stream<Item = Result<Bytes, FetchError>> + Send + 'static {
+        let fetcher = self.fetcher.clone();
+        let indexes = manifest.chunks_covering(&range);
+        futures::stream::iter(indexes)
+            .map(move |index| {
+                let fetcher = fetcher.clone();
+                let manifest = manifest.clone();
+                let range = range.clone();
+                async move {
+                    let id = manifest.chunks()[index];
+                    let (bytes, source) = fetcher.chunk(id).await?;
+                    let chunk_range = manifest.chunk_range(index).unwrap_or(0..0);
+                    let start = range.start.max(chunk_range.start) - chunk_range.start;
+                    let end = range.end.min(chunk_range.end) - chunk_range.start;
+                    let piece = bytes.slice(start as usize..end as usize);
+                    metrics::counter!("cachemesh_bytes_served_total", "source" => source.label())
+                        .increment(piece.len() as u64);
+                    Ok::<_, FetchError>(piece)
+                }
+            })
+            .buffered(FETCH_WINDOW_CHUNKS)
+    }
+
+    /// Fetches every chunk of `id` into the store and pins it there.
+    pub async fn pin(&self, id: &ObjectId) -> Result<Manifest, PinError> {
+        let manifest = self.open(id).await?;
+        let store = self.fetcher.store();
+        // Pin first so that chunks fetched below cannot be evicted before the pin holds.
+        store.pin_object(id, &manifest).await?;
+        let fetched = self.fetch_all(&manifest).await;
+        let resident = manifest.chunks().iter().all(|chunk| store.contains(chunk));
+        if let Err(error) = fetched {
+            store.unpin_object(id, &manifest).await?;
+            return Err(error.into());
+        }
+        if !resident {
+            store.unpin_object(id, &manifest).await?;
+            return Err(PinError::NoRoom(*id));
+        }
+        Ok(manifest)
+    }
+
+    async fn fetch_all(&self, manifest: &Manifest) -> Result<(), FetchError> {
+        let mut fetches = futures::stream::iter(manifest.chunks().to_vec())
+            .map(|id| {
+                let fetcher = self.fetcher.clone();
+                async move { fetcher.chunk(id).await.map(|(_, source)| source) }
+            })
+            .buffer_unordered(FETCH_WINDOW_CHUNKS);
+        while let Some(result) = fetches.next().await {
+            let _source: Source = result?;
+        }
+        Ok(())
+    }
+
+    /// Removes the pin of `id`; false when it was not pinned.
+    pub async fn unpin(&self, id: &ObjectId) -> Result<bool, PinError> {
+        let manifest = self.open(id).await?;
+        Ok(self.fetcher.store().unpin_object(id, &manifest).await?)
+    }
+}

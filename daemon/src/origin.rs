@@ -1,0 +1,271 @@
+//! The origin: the object store behind the cache, through the `object_store` crate.
+//!
+//! `file:///dir` (or a bare absolute path) is a local directory, the default;
+//! `s3://bucket/prefix` is S3 or an S3-compatible store, configured by the usual `AWS_*`
+//! environment variables (`AWS_ENDPOINT_URL` and `AWS_ALLOW_HTTP` for S3-compatible stores).
+//!
+//! Layout: chunks at `chunks/<chunk id>`, manifests at `objects/<object id>`. Both are
+//! written create-only (`PutMode::Create`): content addressing makes an existing key
+//! already right, so a lost race is success, and a chunk the origin has is not sent again.
+//!
+//! Invariants:
+//! - Every chunk and manifest read from the origin is hash-checked here; a mismatch is
+//!   [`OriginError::Corrupt`], never returned bytes.
+//! - At most `concurrency` requests are in flight; reads are bounded by
+//!   `CHUNK_BYTES_MAX` / `MANIFEST_BYTES_MAX` before the body is collected.
+//! - Transient failures of S3 are retried by `object_store` with exponential backoff,
+//!   bounded by [`ORIGIN_RETRIES_MAX`] and [`ORIGIN_RETRY_TIMEOUT`], so an outage becomes a
+//!   clear error within seconds rather than a hang.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use cachemesh_proto::limits::{CHUNK_BYTES_MAX, MANIFEST_BYTES_MAX};
+use cachemesh_proto::{ChunkId, Manifest, ObjectId};
+use object_store::path::Path as StorePath;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use tokio::sync::Semaphore;
+
+/// Retries of one origin request after a transient failure.
+pub const ORIGIN_RETRIES_MAX: usize = 3;
+/// Longest time spent retrying one origin request.
+pub const ORIGIN_RETRY_TIMEOUT: Duration = Duration::from_secs(15);
+/// Default cap on origin requests in flight.
+pub const ORIGIN_CONCURRENCY_DEFAULT: usize = 16;
+
+/// Errors talking to the origin, each naming the key concerned.
+#[derive(Debug, thiserror::Error)]
+pub enum OriginError {
+    /// The origin URL or its settings are unusable.
+    #[error("origin {url}: {detail}")]
+    Config {
+        /// The URL.
+        url: String,
+        /// What is wrong.
+        detail: String,
+    },
+    /// The key does not exist.
+    #[error("origin has no {key}")]
+    NotFound {
+        /// The key.
+        key: String,
+    },
+    /// The origin could not be reached or failed the request.
+    #[error("origin request for {key} failed: {source}")]
+    Unavailable {
+        /// The key.
+        key: String,
+        /// The cause.
+        source: object_store::Error,
+    },
+    /// The origin returned bytes that do not match their id.
+    #[error("origin returned corrupt bytes for {key}")]
+    Corrupt {
+        /// The key.
+        key: String,
+    },
+    /// The origin holds a value larger than its limit.
+    #[error("origin value {key} has {size} bytes, over its limit")]
+    TooLarge {
+        /// The key.
+        key: String,
+        /// Its size.
+        size: u64,
+    },
+}
+
+/// The origin object store.
+pub struct Origin {
+    store: Arc<dyn ObjectStore>,
+    description: String,
+    permits: Semaphore,
+}
+
+impl std::fmt::Debug for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Origin").field("description", &self.description).finish()
+    }
+}
+
+fn chunk_key(id: &ChunkId) -> StorePath {
+    StorePath::from(format!("chunks/{id}"))
+}
+
+fn manifest_key(id: &ObjectId) -> StorePath {
+    StorePath::from(format!("objects/{id}"))
+}
+
+fn config_error(url: &str, detail: impl std::fmt::Display) -> OriginError {
+    OriginError::Config { url: url.to_string(), detail: detail.to_string() }
+}
+
+impl Origin {
+    /// Opens the origin at `url` with at most `concurrency` requests in flight.
+    pub fn open(url: &str, concurrency: usize) -> Result<Self, OriginError> {
+        let (store, description): (Arc<dyn ObjectStore>, String) = if let Some(rest) = url.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err(config_error(url, "an s3:// URL names a bucket: s3://BUCKET/PREFIX"));
+            }
+            let retry = object_store::RetryConfig {
+                max_retries: ORIGIN_RETRIES_MAX,
+                retry_timeout: ORIGIN_RETRY_TIMEOUT,
+                backoff: object_store::BackoffConfig::default(),
+            };
+            let s3 = object_store::aws::AmazonS3Builder::from_env()
+                .with_bucket_name(bucket)
+                .with_retry(retry)
+                .build()
+                .map_err(|error| config_error(url, error))?;
+            let prefix = prefix.trim_matches('/');
+            let store: Arc<dyn ObjectStore> = if prefix.is_empty() {
+                Arc::new(s3)
+            } else {
+                Arc::new(object_store::prefix::PrefixStore::new(s3, prefix))
+            };
+            (store, format!("s3://{bucket}/{prefix}"))
+        } else {
+            let path = match url.strip_prefix("file://") {
+                Some(path) => path,
+                None if url.starts_with('/') => url,
+                None => {
+                    return Err(config_error(
+                        url,
+                        "the origin is file:///ABSOLUTE/DIR, /ABSOLUTE/DIR or s3://BUCKET/PREFIX",
+                    ));
+                }
+            };
+            if !path.starts_with('/') {
+                return Err(config_error(url, "a file origin needs an absolute path (file:///dir)"));
+            }
+            std::fs::create_dir_all(path)
+                .map_err(|error| config_error(url, format!("cannot create the directory: {error}")))?;
+            let local = object_store::local::LocalFileSystem::new_with_prefix(path)
+                .map_err(|error| config_error(url, error))?;
+            (Arc::new(local), format!("file://{path}"))
+        };
+        Ok(Self { store, description, permits: Semaphore::new(concurrency.max(1)) })
+    }
+
+    /// The origin URL, without credentials.
+    pub fn description(&self) -> &str {
+        &self.description
+    }
+
+    async fn permit(&self) -> tokio::sync::SemaphorePermit<'_> {
+        // The semaphore is never closed.
+        match self.permits.acquire().await {
+            Ok(permit) => permit,
+            Err(_) => unreachable_closed(),
+        }
+    }
+
+    async fn get_bounded(&self, key: &StorePath, limit: u64) -> Result<Bytes, OriginError> {
+        let _permit = self.permit().await;
+        let started = Instant::now();
+        metrics::counter!("cachemesh_origin_requests_total", "op" => "get").increment(1);
+        let result = async {
+            let response = self.store.get(key).await?;
+            if response.meta.size > limit {
+                return Ok(Err(response.meta.size));
+            }
+            response.bytes().await.map(Ok)
+        }
+        .await;
+        metrics::histogram!("cachemesh_origin_request_seconds", "op" => "get").record(started.elapsed().as_secs_f64());
+        match result {
+            Ok(Ok(bytes)) => {
+                metrics::counter!("cachemesh_origin_bytes_total", "direction" => "download")
+                    .increment(bytes.len() as u64);
+                Ok(bytes)
+            }
+            Ok(Err(size)) => Err(OriginError::TooLarge { key: key.to_string(), size }),
+            Err(object_store::Error::NotFound { .. }) => Err(OriginError::NotFound { key: key.to_string() }),
+            Err(source) => {
+                metrics::counter!("cachemesh_origin_errors_total", "op" => "get").increment(1);
+                Err(OriginError::Unavailable { key: key.to_string(), source })
+            }
+        }
+    }
+
+    /// Fetches a chunk and checks its hash.
+    pub async fn get_chunk(&self, id: &ChunkId) -> Result<Bytes, OriginError> {
+        let key = chunk_key(id);
+        let bytes = self.get_bounded(&key, u64::from(CHUNK_BYTES_MAX)).await?;
+        if !id.matches(&bytes) {
+            metrics::counter!("cachemesh_verify_failures_total", "source" => "origin").increment(1);
+            return Err(OriginError::Corrupt { key: key.to_string() });
+        }
+        Ok(bytes)
+    }
+
+    /// Fetches a manifest, checks it hashes to `id` and decodes it.
+    pub async fn get_manifest(&self, id: &ObjectId) -> Result<Manifest, OriginError> {
+        let key = manifest_key(id);
+        let bytes = self.get_bounded(&key, MANIFEST_BYTES_MAX as u64).await?;
+        if ObjectId::of(&bytes) != *id {
+            metrics::counter!("cachemesh_verify_failures_total", "source" => "origin").increment(1);
+            return Err(OriginError::Corrupt { key: key.to_string() });
+        }
+        Manifest::decode(&bytes).map_err(|_| OriginError::Corrupt { key: key.to_string() })
+    }
+
+    async fn exists(&self, key: &StorePath) -> Result<bool, OriginError> {
+        let _permit = self.permit().await;
+        metrics::counter!("cachemesh_origin_requests_total", "op" => "head").increment(1);
+        match self.store.head(key).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(source) => {
+                metrics::counter!("cachemesh_origin_errors_total", "op" => "head").increment(1);
+                Err(OriginError::Unavailable { key: key.to_string(), source })
+            }
+        }
+    }
+
+    /// Writes `data` at `key` unless it exists; true when it was uploaded.
+    async fn put_create(&self, key: StorePath, data: Bytes) -> Result<bool, OriginError> {
+        if self.exists(&key).await? {
+            return Ok(false);
+        }
+        let _permit = self.permit().await;
+        let started = Instant::now();
+        let length = data.len() as u64;
+        metrics::counter!("cachemesh_origin_requests_total", "op" => "put").increment(1);
+        let options = PutOptions { mode: PutMode::Create, ..PutOptions::default() };
+        let result = self.store.put_opts(&key, PutPayload::from_bytes(data), options).await;
+        metrics::histogram!("cachemesh_origin_request_seconds", "op" => "put").record(started.elapsed().as_secs_f64());
+        match result {
+            Ok(_) => {
+                metrics::counter!("cachemesh_origin_bytes_total", "direction" => "upload").increment(length);
+                Ok(true)
+            }
+            // Content-addressed: whoever wrote it first wrote the same bytes.
+            Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+            Err(source) => {
+                metrics::counter!("cachemesh_origin_errors_total", "op" => "put").increment(1);
+                Err(OriginError::Unavailable { key: key.to_string(), source })
+            }
+        }
+    }
+
+    /// Uploads a chunk unless the origin has it; true when it was uploaded.
+    pub async fn put_chunk(&self, id: &ChunkId, data: Bytes) -> Result<bool, OriginError> {
+        self.put_create(chunk_key(id), data).await
+    }
+
+    /// Publishes a manifest. Callers upload every chunk first.
+    pub async fn put_manifest(&self, manifest: &Manifest) -> Result<ObjectId, OriginError> {
+        let encoded = Bytes::from(manifest.encode());
+        let id = ObjectId::of(&encoded);
+        self.put_create(manifest_key(&id), encoded).await?;
+        Ok(id)
+    }
+}
+
+#[cold]
+fn unreachable_closed() -> ! {
+    // Our own invariant: `permits` is owned here and never closed.
+    panic!("origin semaphore closed")
+}

@@ -1,0 +1,156 @@
+//! Types of the local API (HTTP/1.1 over a unix socket), shared by the daemon and clients.
+//!
+//! Every error answer has the body [`ErrorBody`]; its [`ErrorCode`] strings are stable and
+//! documented in `docs/api.md`. Adding a code is fine; renaming one breaks clients.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ObjectId;
+
+/// Path prefix of version 1 of the API.
+pub const API_PREFIX: &str = "/v1";
+
+/// Stable machine-readable error codes of the local API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The path is not an API route.
+    RouteNotFound,
+    /// The route exists but not for this method.
+    MethodNotAllowed,
+    /// An object id in the path is not 64 lowercase hex digits.
+    BadObjectId,
+    /// No object with this id exists in the cache or the origin.
+    ObjectNotFound,
+    /// The `Range` header is malformed or names several ranges.
+    BadRange,
+    /// The range does not overlap the object.
+    RangeNotSatisfiable,
+    /// The request body is larger than the limit for its route.
+    BodyTooLarge,
+    /// The request is malformed in some other way (bad header, bad query).
+    BadRequest,
+    /// The client's body ended early or broke off.
+    BodyIncomplete,
+    /// The origin could not be reached or refused the request.
+    OriginUnavailable,
+    /// The origin returned bytes that do not match their id.
+    OriginCorrupt,
+    /// The local store has no room left (every chunk pinned or in use, or the disk is full).
+    InsufficientStorage,
+    /// The daemon is shutting down.
+    ShuttingDown,
+    /// A fault inside the daemon; details are in its log.
+    Internal,
+}
+
+impl ErrorCode {
+    /// The HTTP status this code is sent with.
+    pub fn http_status(self) -> u16 {
+        match self {
+            Self::RouteNotFound | Self::ObjectNotFound => 404,
+            Self::MethodNotAllowed => 405,
+            Self::BadObjectId | Self::BadRange | Self::BadRequest | Self::BodyIncomplete => 400,
+            Self::RangeNotSatisfiable => 416,
+            Self::BodyTooLarge => 413,
+            Self::OriginUnavailable | Self::OriginCorrupt => 502,
+            Self::InsufficientStorage => 507,
+            Self::ShuttingDown => 503,
+            Self::Internal => 500,
+        }
+    }
+
+    /// The code as it appears on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::RouteNotFound => "route_not_found",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::BadObjectId => "bad_object_id",
+            Self::ObjectNotFound => "object_not_found",
+            Self::BadRange => "bad_range",
+            Self::RangeNotSatisfiable => "range_not_satisfiable",
+            Self::BodyTooLarge => "body_too_large",
+            Self::BadRequest => "bad_request",
+            Self::BodyIncomplete => "body_incomplete",
+            Self::OriginUnavailable => "origin_unavailable",
+            Self::OriginCorrupt => "origin_corrupt",
+            Self::InsufficientStorage => "insufficient_storage",
+            Self::ShuttingDown => "shutting_down",
+            Self::Internal => "internal",
+        }
+    }
+}
+
+/// Body of every error answer: `{"error": {"code": "...", "message": "..."}}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// The error.
+    pub error: ErrorDetail,
+}
+
+/// The code and human-readable message of an error answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    /// Stable code.
+    pub code: ErrorCode,
+    /// One readable sentence; not stable, not for parsing.
+    pub message: String,
+}
+
+impl ErrorBody {
+    /// An error body with this code and message.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self { error: ErrorDetail { code, message: message.into() } }
+    }
+}
+
+/// Answer to `PUT /v1/objects`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PutObjectResponse {
+    /// The new object's id.
+    pub object_id: ObjectId,
+    /// Its length in bytes.
+    pub length: u64,
+    /// How many chunks it has.
+    pub chunk_count: u64,
+    /// How many of its chunks the origin did not have yet and were uploaded.
+    pub chunks_uploaded: u64,
+}
+
+/// Answer to `GET /v1/status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusResponse {
+    /// The daemon's version.
+    pub version: String,
+    /// Seconds since the daemon started.
+    pub uptime_seconds: u64,
+    /// The origin URL (credentials never included).
+    pub origin: String,
+    /// The chunk store.
+    pub store: StoreStatus,
+}
+
+/// The chunk store's part of [`StatusResponse`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoreStatus {
+    /// Data directory.
+    pub data_dir: String,
+    /// I/O backend in use: `io_uring` or `portable`.
+    pub io_backend: String,
+    /// Why the backend was chosen (probe result, or forced by configuration).
+    pub io_backend_reason: String,
+    /// Whether every chunk read is hash-checked before it is served.
+    pub verify_reads: bool,
+    /// Bytes of chunks held.
+    pub used_bytes: u64,
+    /// The byte budget.
+    pub budget_bytes: u64,
+    /// Chunks held.
+    pub chunk_count: u64,
+    /// Chunks that may not be evicted (pinned, or not yet in the origin).
+    pub pinned_chunk_count: u64,
+    /// Manifests held.
+    pub manifest_count: u64,
+    /// Chunks evicted since start.
+    pub evicted_chunks: u64,
+}
