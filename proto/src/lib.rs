@@ -16,6 +16,7 @@
 #![deny(missing_docs)]
 
 pub mod api;
+pub mod frames;
 mod id;
 pub mod limits;
 mod manifest;

@@ -35,3 +35,15 @@ const _: () = assert!(CHUNK_BYTES_MAX.is_power_of_two() && CHUNK_BYTES_MIN.is_po
 const _: () = assert!(OBJECT_BYTES_MAX.is_multiple_of(CHUNK_BYTES_MAX as u64));
 // The chunk count field is a u32.
 const _: () = assert!(OBJECT_CHUNKS_MAX as u64 == OBJECT_BYTES_MAX / CHUNK_BYTES_MAX as u64);
+
+/// Longest datacenter name, in bytes.
+pub const DC_NAME_BYTES_MAX: usize = 64;
+
+/// Longest error message in a data-plane answer, in bytes.
+pub const FRAME_MESSAGE_BYTES_MAX: usize = 256;
+
+/// Largest have-set bitmap: one bit per chunk of the largest object.
+pub const HAVE_SET_BYTES_MAX: usize = (OBJECT_CHUNKS_MAX as usize).div_ceil(8);
+
+const _: () = assert!(DC_NAME_BYTES_MAX < 256, "dc length is one byte on the wire");
+const _: () = assert!(FRAME_MESSAGE_BYTES_MAX <= u16::MAX as usize);
