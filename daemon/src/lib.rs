@@ -12,4 +12,5 @@ pub mod metrics;
 pub mod node;
 pub mod objects;
 pub mod origin;
+pub mod placement;
 pub mod store;

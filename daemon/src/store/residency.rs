@@ -255,12 +255,11 @@ mod tests {
                     0 | 1 => {
                         let size = *sizes.entry(n).or_insert(size);
                         if residency.contains(&id(n)) { continue; }
-                        match residency.reserve(size) {
-                            Ok(victims) => {
-                                for (victim, _) in victims { prop_assert!(!residency.pins.contains_key(&victim)); }
-                                residency.commit(id(n), size);
+                        if let Ok(victims) = residency.reserve(size) {
+                            for (victim, _) in victims {
+                                prop_assert!(!residency.pins.contains_key(&victim));
                             }
-                            Err(_) => {}
+                            residency.commit(id(n), size);
                         }
                     }
                     2 => residency.pin(id(n)),
