@@ -38,6 +38,11 @@ use crate::objects::{Objects, OpenError, PinError, PutError};
 use crate::origin::OriginError;
 use crate::store::StoreError;
 
+/// Most bytes of a failed put's body read and discarded before answering.
+pub const PUT_ERROR_DRAIN_BYTES_MAX: u64 = 256 * 1024 * 1024;
+/// Longest time spent discarding a failed put's body before answering.
+pub const PUT_ERROR_DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// An error answer.
 #[derive(Debug)]
 pub struct ApiError {
@@ -184,8 +189,32 @@ async fn put_object(State(state): State<ApiState>, body: Body) -> Result<Respons
     if state.shutdown.is_cancelled() {
         return Err(ApiError::new(ErrorCode::ShuttingDown, "the daemon is shutting down"));
     }
-    let answer = state.objects.put(body.into_data_stream()).await?;
-    Ok((StatusCode::CREATED, axum::Json(answer)).into_response())
+    let mut body = body.into_data_stream();
+    match state.objects.put(&mut body).await {
+        Ok(answer) => Ok((StatusCode::CREATED, axum::Json(answer)).into_response()),
+        Err(error) => {
+            if !matches!(error, PutError::BodyIncomplete { .. }) {
+                drain_briefly(&mut body).await;
+            }
+            Err(error.into())
+        }
+    }
+}
+
+/// Reads and discards what is left of a failed put's body, within bounds, so that a client
+/// still writing sees our error answer instead of a broken pipe. Past the bounds the
+/// connection is closed and the client sees that.
+async fn drain_briefly(body: &mut axum::body::BodyDataStream) {
+    let mut drained = 0u64;
+    let drain = async {
+        while let Some(Ok(frame)) = body.next().await {
+            drained += frame.len() as u64;
+            if drained > PUT_ERROR_DRAIN_BYTES_MAX {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(PUT_ERROR_DRAIN_TIMEOUT, drain).await;
 }
 
 async fn get_object(

@@ -57,31 +57,31 @@ impl<'de> Deserialize<'de> for ByteSize {
 #[serde(deny_unknown_fields)]
 pub struct Settings {
     /// Directory for the chunk store and its index.
-    #[arg(long, env = "CACHEMESH_DATA_DIR", value_name = "DIR")]
+    #[arg(long, global = true, env = "CACHEMESH_DATA_DIR", value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
     /// Unix socket of the local API.
-    #[arg(long, env = "CACHEMESH_API_SOCKET", value_name = "PATH")]
+    #[arg(long, global = true, env = "CACHEMESH_API_SOCKET", value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
     /// Origin object store: file:///DIR, /DIR or s3://BUCKET/PREFIX.
-    #[arg(long, env = "CACHEMESH_ORIGIN", value_name = "URL")]
+    #[arg(long, global = true, env = "CACHEMESH_ORIGIN", value_name = "URL")]
     pub origin: Option<String>,
     /// Byte budget of the chunk cache, e.g. 64GiB.
-    #[arg(long, env = "CACHEMESH_CACHE_SIZE", value_name = "BYTES")]
+    #[arg(long, global = true, env = "CACHEMESH_CACHE_SIZE", value_name = "BYTES")]
     pub cache_size: Option<ByteSize>,
     /// Address to serve Prometheus metrics on over TCP (they are always on the API socket at /metrics).
-    #[arg(long, env = "CACHEMESH_METRICS_LISTEN", value_name = "ADDR")]
+    #[arg(long, global = true, env = "CACHEMESH_METRICS_LISTEN", value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
     /// Chunk I/O backend.
-    #[arg(long, env = "CACHEMESH_IO_BACKEND", value_enum)]
+    #[arg(long, global = true, env = "CACHEMESH_IO_BACKEND", value_enum)]
     pub io_backend: Option<IoBackendChoice>,
     /// Hash-check every chunk read from the local disk before serving it.
-    #[arg(long, env = "CACHEMESH_VERIFY_READS", value_name = "BOOL")]
+    #[arg(long, global = true, env = "CACHEMESH_VERIFY_READS", value_name = "BOOL")]
     pub verify_reads: Option<bool>,
     /// Most origin requests in flight.
-    #[arg(long, env = "CACHEMESH_ORIGIN_CONCURRENCY", value_name = "N")]
+    #[arg(long, global = true, env = "CACHEMESH_ORIGIN_CONCURRENCY", value_name = "N")]
     pub origin_concurrency: Option<usize>,
     /// Log format: text or json.
-    #[arg(long, env = "CACHEMESH_LOG_FORMAT", value_enum)]
+    #[arg(long, global = true, env = "CACHEMESH_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
 }
 

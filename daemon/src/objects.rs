@@ -113,19 +113,21 @@ impl Objects {
             if let Err(error) = stored {
                 // The origin holds the chunk; the local copy is only a cache.
                 tracing::warn!(chunk = %id, %error, "could not keep an uploaded chunk in the local store");
+                metrics::counter!("cachemesh_store_write_errors_total").increment(1);
             }
             Ok(ChunkDone { id, uploaded: uploaded? })
         })
     }
 
     /// Cuts `body` into chunks, stores and uploads them, then publishes the manifest.
-    pub async fn put<S, E>(&self, body: S) -> Result<PutObjectResponse, PutError>
+    ///
+    /// On error the body may be left partly read; the caller decides whether to drain it.
+    pub async fn put<S, E>(&self, body: &mut S) -> Result<PutObjectResponse, PutError>
     where
-        S: Stream<Item = Result<Bytes, E>>,
+        S: Stream<Item = Result<Bytes, E>> + Unpin,
         E: std::fmt::Display,
     {
         let chunk_bytes = CHUNK_BYTES_MAX as usize;
-        let mut body = std::pin::pin!(body);
         let mut buffer = BytesMut::new();
         let mut received: u64 = 0;
         let mut in_flight = FuturesOrdered::new();
