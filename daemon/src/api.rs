@@ -177,6 +177,7 @@ async fn status(State(state): State<ApiState>) -> Result<Response, ApiError> {
         uptime_seconds: state.started.elapsed().as_secs(),
         origin: state.objects.fetcher().origin().description().to_string(),
         store,
+        mesh: None,
     };
     Ok(axum::Json(body).into_response())
 }

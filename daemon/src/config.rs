@@ -83,6 +83,78 @@ pub struct Settings {
     /// Log format: text or json.
     #[arg(long, global = true, env = "CACHEMESH_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Cluster credential file (from `cachemesh cluster-key new`); setting it turns the mesh on.
+    #[arg(long, global = true, env = "CACHEMESH_CLUSTER_KEY", value_name = "FILE")]
+    pub cluster_key: Option<PathBuf>,
+    /// Datacenter name: nodes of different DCs never join each other's DHT nor fetch from each other.
+    #[arg(long, global = true, env = "CACHEMESH_DC", value_name = "NAME")]
+    pub dc: Option<String>,
+    /// Address for the DHT and membership (libp2p over TCP): host:port or a multiaddr.
+    #[arg(long, global = true, env = "CACHEMESH_P2P_LISTEN", value_name = "ADDR")]
+    pub p2p_listen: Option<String>,
+    /// UDP address of the QUIC data plane.
+    #[arg(long, global = true, env = "CACHEMESH_DATA_LISTEN", value_name = "ADDR")]
+    pub data_listen: Option<SocketAddr>,
+    /// Peers to join through: host:port of their p2p listener, or a full multiaddr.
+    #[arg(long, global = true, env = "CACHEMESH_BOOTSTRAP", value_name = "ADDR", value_delimiter = ',', num_args = 1..)]
+    pub bootstrap: Option<Vec<String>>,
+    /// Upload budget for serving peers, e.g. 500MiB (per second); unlimited by default.
+    #[arg(long, global = true, env = "CACHEMESH_UPLOAD_LIMIT", value_name = "RATE")]
+    pub upload_limit: Option<ByteRate>,
+    /// Test-only fault: serve peers corrupt chunks (only in builds with the test-faults feature).
+    #[cfg(feature = "test-faults")]
+    #[arg(long, global = true, hide = true, value_name = "BOOL")]
+    pub fault_corrupt_served_chunks: Option<bool>,
+}
+
+/// A rate in bytes per second, written `500MiB`, `500MiB/s` or `1GB/s`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteRate(pub u64);
+
+impl std::str::FromStr for ByteRate {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let size = text.trim().strip_suffix("/s").unwrap_or(text.trim());
+        let size: ByteSize = size.parse()?;
+        if size.0 == 0 {
+            return Err("an upload limit must be above zero".to_string());
+        }
+        Ok(Self(size.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteRate {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let size = ByteSize::deserialize(deserializer)?;
+        if size.0 == 0 {
+            return Err(serde::de::Error::custom("an upload limit must be above zero"));
+        }
+        Ok(Self(size.0))
+    }
+}
+
+/// Default datacenter name.
+pub const DC_DEFAULT: &str = "default";
+/// Default p2p (DHT, membership) listen address in mesh mode.
+pub const P2P_LISTEN_DEFAULT: &str = "0.0.0.0:7946";
+/// Default data-plane listen address in mesh mode.
+pub const DATA_LISTEN_DEFAULT: &str = "0.0.0.0:7947";
+
+/// Mesh settings; present when a cluster key is configured.
+#[derive(Debug, Clone)]
+pub struct MeshConfig {
+    /// The cluster credential file.
+    pub cluster_key: PathBuf,
+    /// Datacenter name.
+    pub dc: String,
+    /// p2p listen address (host:port or multiaddr).
+    pub p2p_listen: String,
+    /// Data-plane listen address.
+    pub data_listen: SocketAddr,
+    /// Bootstrap peers.
+    pub bootstrap: Vec<String>,
+    /// Upload budget in bytes per second.
+    pub upload_limit_bytes_per_second: Option<u64>,
 }
 
 /// How logs are written to stderr.
@@ -119,6 +191,10 @@ pub struct Config {
     pub log_format: LogFormat,
     /// The config file that was read, if any.
     pub config_file: Option<PathBuf>,
+    /// The mesh, when enabled.
+    pub mesh: Option<MeshConfig>,
+    /// Test-only fault switch; always false unless built with `test-faults`.
+    pub fault_corrupt_served_chunks: bool,
 }
 
 /// Configuration errors.
@@ -200,6 +276,44 @@ fn read_file(path: &Path) -> Result<Settings, ConfigError> {
 }
 
 impl Config {
+    fn resolve_mesh(flags: &Settings, file: &Settings) -> Result<Option<MeshConfig>, ConfigError> {
+        let dc = flags.dc.clone().or_else(|| file.dc.clone());
+        let p2p_listen = flags.p2p_listen.clone().or_else(|| file.p2p_listen.clone());
+        let data_listen = flags.data_listen.or(file.data_listen);
+        let bootstrap = flags.bootstrap.clone().or_else(|| file.bootstrap.clone());
+        let upload_limit = flags.upload_limit.or(file.upload_limit);
+        let Some(cluster_key) = flags.cluster_key.clone().or_else(|| file.cluster_key.clone()) else {
+            if p2p_listen.is_some() || data_listen.is_some() || bootstrap.is_some() || dc.is_some() {
+                return Err(ConfigError::Invalid(
+                    "mesh settings (dc, p2p_listen, data_listen, bootstrap) need a cluster key: \
+                     create one with `cachemesh cluster-key new FILE` and pass --cluster-key FILE"
+                        .to_string(),
+                ));
+            }
+            return Ok(None);
+        };
+        let dc = dc.unwrap_or_else(|| DC_DEFAULT.to_string());
+        let valid_dc = !dc.is_empty()
+            && dc.len() <= cachemesh_proto::limits::DC_NAME_BYTES_MAX
+            && dc.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+        if !valid_dc {
+            return Err(ConfigError::Invalid(format!(
+                "dc name {dc:?} must be 1 to {} letters, digits, '-', '_' or '.'",
+                cachemesh_proto::limits::DC_NAME_BYTES_MAX
+            )));
+        }
+        let default_data_listen: SocketAddr =
+            DATA_LISTEN_DEFAULT.parse().map_err(|_| ConfigError::Invalid("bad built-in data listen".to_string()))?;
+        Ok(Some(MeshConfig {
+            cluster_key,
+            dc,
+            p2p_listen: p2p_listen.unwrap_or_else(|| P2P_LISTEN_DEFAULT.to_string()),
+            data_listen: data_listen.unwrap_or(default_data_listen),
+            bootstrap: bootstrap.unwrap_or_default(),
+            upload_limit_bytes_per_second: upload_limit.map(|rate| rate.0),
+        }))
+    }
+
     /// Resolves flags and environment (already merged by clap) over the config file and
     /// the defaults.
     pub fn resolve(config_file: Option<&Path>, flags: Settings) -> Result<Self, ConfigError> {
@@ -216,9 +330,16 @@ impl Config {
                 "cache size {cache_size_bytes} bytes is below the minimum of {CACHE_SIZE_MIN_BYTES} bytes (two chunks)"
             )));
         }
+        let mesh = Self::resolve_mesh(&flags, &file)?;
         let data_dir = flags.data_dir.or(file.data_dir).unwrap_or_else(default_data_dir);
         let data_dir = std::path::absolute(&data_dir).unwrap_or(data_dir);
+        #[cfg(feature = "test-faults")]
+        let fault_corrupt_served_chunks = flags.fault_corrupt_served_chunks.unwrap_or(false);
+        #[cfg(not(feature = "test-faults"))]
+        let fault_corrupt_served_chunks = false;
         Ok(Self {
+            mesh,
+            fault_corrupt_served_chunks,
             api_socket: flags.api_socket.or(file.api_socket).unwrap_or_else(default_api_socket),
             origin: flags.origin.or(file.origin).unwrap_or_else(default_origin),
             cache_size_bytes,
@@ -261,6 +382,23 @@ mod tests {
         assert_eq!(config.cache_size_bytes, 2 << 30);
         assert_eq!(config.origin, "file:///srv/o");
         assert!(!config.verify_reads);
+    }
+
+    #[test]
+    fn mesh_needs_a_cluster_key_and_a_sane_dc() {
+        // Goal: mesh flags without a key are refused with a hint; a key turns the mesh on with
+        // defaults; dc names that could break protocol names are refused.
+        let flags = Settings { bootstrap: Some(vec!["10.0.0.1:7946".into()]), ..Settings::default() };
+        let error = Config::resolve(Some(Path::new("/dev/null")), flags).unwrap_err().to_string();
+        assert!(error.contains("cluster-key new"), "{error}");
+        let flags = Settings { cluster_key: Some("/k".into()), ..Settings::default() };
+        let mesh = Config::resolve(Some(Path::new("/dev/null")), flags).unwrap().mesh.unwrap();
+        assert_eq!(mesh.dc, DC_DEFAULT);
+        assert_eq!(mesh.p2p_listen, P2P_LISTEN_DEFAULT);
+        let flags = Settings { cluster_key: Some("/k".into()), dc: Some("eu/1".into()), ..Settings::default() };
+        assert!(Config::resolve(Some(Path::new("/dev/null")), flags).is_err());
+        assert_eq!("100MiB/s".parse::<ByteRate>(), Ok(ByteRate(100 << 20)));
+        assert!("0/s".parse::<ByteRate>().is_err());
     }
 
     #[test]

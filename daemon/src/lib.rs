@@ -8,6 +8,7 @@ pub mod api;
 pub mod client;
 pub mod config;
 pub mod fetch;
+pub mod identity;
 pub mod metrics;
 pub mod node;
 pub mod objects;

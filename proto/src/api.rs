@@ -128,6 +128,50 @@ pub struct StatusResponse {
     pub origin: String,
     /// The chunk store.
     pub store: StoreStatus,
+    /// The mesh, when this node is part of one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh: Option<MeshStatus>,
+}
+
+/// The mesh's part of [`StatusResponse`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MeshStatus {
+    /// This node's id (its libp2p peer id).
+    pub node_id: String,
+    /// Its datacenter.
+    pub dc: String,
+    /// p2p (DHT) listen addresses, each ending in `/p2p/<node id>`.
+    pub p2p_listen: Vec<String>,
+    /// The QUIC data plane's address.
+    pub data_listen: String,
+    /// Live members of the DC seen by this node, itself excluded.
+    pub members: u64,
+    /// Objects this node announces as held.
+    pub provided_objects: u64,
+}
+
+/// One entry of `GET /v1/peers`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeerStatus {
+    /// The peer's node id.
+    pub node_id: String,
+    /// Its data-plane address.
+    pub data_addr: String,
+    /// Seconds since it was last heard from.
+    pub last_seen_seconds_ago: f64,
+    /// Requests from this node to it in flight.
+    pub requests_in_flight: u64,
+    /// Corrupt chunks it has sent this node.
+    pub corrupt_chunks: u64,
+    /// Whether this node is avoiding it.
+    pub penalised: bool,
+}
+
+/// Answer to `GET /v1/peers`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeersResponse {
+    /// The peers, when in a mesh (empty for a single node).
+    pub peers: Vec<PeerStatus>,
 }
 
 /// The chunk store's part of [`StatusResponse`].

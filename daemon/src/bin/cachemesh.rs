@@ -62,6 +62,21 @@ enum Command {
         /// The object id.
         id: String,
     },
+    /// Manage the cluster credential that admits nodes to the mesh.
+    ClusterKey {
+        #[command(subcommand)]
+        command: ClusterKeyCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ClusterKeyCommand {
+    /// Create a new random cluster key file (mode 0600; an existing file is never overwritten).
+    /// Copy it to every node of the cluster and start them with --cluster-key FILE.
+    New {
+        /// Where to write the key.
+        file: PathBuf,
+    },
 }
 
 /// Bytes per read of a file being put.
@@ -214,7 +229,16 @@ async fn pin(client: &Client, id: &str, pin: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn cluster_key_new(file: &Path) -> anyhow::Result<()> {
+    let key = cachemesh_daemon::identity::ClusterKey::generate(file)?;
+    println!("wrote a new cluster key to {} (fingerprint {})", file.display(), key.fingerprint());
+    Ok(())
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::ClusterKey { command: ClusterKeyCommand::New { file } } = &cli.command {
+        return cluster_key_new(file);
+    }
     let socket = cli.socket.unwrap_or_else(cachemesh_daemon::config::default_api_socket);
     let client = Client::new(socket);
     match cli.command {
@@ -223,6 +247,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status { json } => status(&client, json).await,
         Command::Pin { id } => pin(&client, &id, true).await,
         Command::Unpin { id } => pin(&client, &id, false).await,
+        Command::ClusterKey { command: ClusterKeyCommand::New { file } } => cluster_key_new(&file),
     }
 }
 

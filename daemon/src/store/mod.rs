@@ -425,6 +425,26 @@ impl Store {
         .await
     }
 
+    /// Ids of every manifest held.
+    pub async fn manifest_ids(&self) -> Result<Vec<ObjectId>, StoreError> {
+        let store = self.clone();
+        blocking(move || {
+            let transaction = store.inner.index.begin_read().map_err(index_error)?;
+            let manifests = match transaction.open_table(MANIFESTS) {
+                Ok(table) => table,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+                Err(error) => return Err(index_error(error)),
+            };
+            let mut ids = Vec::new();
+            for entry in manifests.iter().map_err(index_error)? {
+                let (key, _) = entry.map_err(index_error)?;
+                ids.push(ObjectId::from_bytes(key.value()));
+            }
+            Ok(ids)
+        })
+        .await
+    }
+
     /// Stores a manifest (already verified against its id by the caller).
     pub async fn put_manifest(&self, manifest: &Manifest) -> Result<ObjectId, StoreError> {
         let encoded = manifest.encode();
