@@ -158,6 +158,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/objects/{id}", get(get_object))
         .route("/v1/objects/{id}/pin", put(pin_object).delete(unpin_object))
         .route("/v1/pins", get(list_pins))
+        .route("/v1/peers", get(list_peers))
         .route("/metrics", get(render_metrics))
         .fallback(|| async { ApiError::new(ErrorCode::RouteNotFound, "no such route; see docs/api.md") })
         .method_not_allowed_fallback(|method: Method| async move {
@@ -177,7 +178,10 @@ async fn status(State(state): State<ApiState>) -> Result<Response, ApiError> {
         uptime_seconds: state.started.elapsed().as_secs(),
         origin: state.objects.fetcher().origin().description().to_string(),
         store,
-        mesh: None,
+        mesh: match state.objects.fetcher().mesh() {
+            Some(mesh) => Some(mesh.status().await),
+            None => None,
+        },
     };
     Ok(axum::Json(body).into_response())
 }
@@ -263,7 +267,7 @@ async fn get_object(
     let body = if method == Method::HEAD || byte_range.is_empty() {
         Body::empty()
     } else {
-        let mut pieces = Box::pin(state.objects.read(manifest, byte_range));
+        let mut pieces = Box::pin(state.objects.read(id, manifest, byte_range));
         // Fetch the first piece before answering, so that the common failures (origin down,
         // data lost) get a proper error status instead of a truncated 200.
         let first = match pieces.next().await {
@@ -291,6 +295,11 @@ async fn unpin_object(State(state): State<ApiState>, UrlPath(id): UrlPath<String
     let id = parse_object_id(&id)?;
     let was_pinned = state.objects.unpin(&id).await?;
     Ok(axum::Json(serde_json::json!({ "object_id": id, "pinned": false, "was_pinned": was_pinned })).into_response())
+}
+
+async fn list_peers(State(state): State<ApiState>) -> Response {
+    let peers = state.objects.fetcher().mesh().map(|mesh| mesh.peers()).unwrap_or_default();
+    axum::Json(cachemesh_proto::api::PeersResponse { peers }).into_response()
 }
 
 async fn list_pins(State(state): State<ApiState>) -> Response {

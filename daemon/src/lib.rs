@@ -7,11 +7,14 @@
 pub mod api;
 pub mod client;
 pub mod config;
+pub mod discovery;
 pub mod fetch;
 pub mod identity;
+pub mod mesh;
 pub mod metrics;
 pub mod node;
 pub mod objects;
 pub mod origin;
 pub mod placement;
 pub mod store;
+pub mod transport;

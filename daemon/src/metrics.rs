@@ -20,6 +20,8 @@ const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildError> {
     let handle = PrometheusBuilder::new().set_buckets(LATENCY_BUCKETS_SECONDS)?.install_recorder()?;
     describe();
+    crate::discovery::describe_metrics();
+    crate::transport::describe_metrics();
     Ok(handle)
 }
 

@@ -12,7 +12,11 @@ use tokio_util::task::TaskTracker;
 
 use crate::api::{self, ApiState};
 use crate::config::Config;
+use crate::config::MeshConfig;
+use crate::discovery::BootstrapAddr;
 use crate::fetch::Fetcher;
+use crate::identity::{ClusterKey, NodeIdentity};
+use crate::mesh::{Mesh, MeshSettings, parse_listen_addr};
 use crate::objects::Objects;
 use crate::origin::Origin;
 use crate::store::{Store, StoreConfig};
@@ -35,7 +39,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     })
     .await
     .with_context(|| format!("opening the chunk store in {}", config.data_dir.display()))?;
-    let objects = Objects::new(Fetcher::new(store.clone(), origin.clone()));
+    let fetcher = Fetcher::new(store.clone(), origin.clone());
+    if let Some(mesh_config) = &config.mesh {
+        let settings = mesh_settings(&config, mesh_config)?;
+        Mesh::start(settings, fetcher.clone(), shutdown.clone()).await.context("starting the mesh")?;
+    }
+    let objects = Objects::new(fetcher);
     let listener = api::bind_socket(&config.api_socket)
         .with_context(|| format!("binding the API socket {}", config.api_socket.display()))?;
     let tracker = TaskTracker::new();
@@ -68,6 +77,31 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     }
     let _ = std::fs::remove_file(&config.api_socket);
     Ok(())
+}
+
+fn mesh_settings(config: &Config, mesh: &MeshConfig) -> anyhow::Result<MeshSettings> {
+    let identity =
+        NodeIdentity::load_or_create(&config.data_dir.join("node.key")).context("loading the node identity")?;
+    let cluster_key = ClusterKey::load(&mesh.cluster_key).context("loading the cluster key")?;
+    tracing::info!(fingerprint = %cluster_key.fingerprint(), "cluster key loaded");
+    let bootstrap = mesh
+        .bootstrap
+        .iter()
+        .map(|entry| BootstrapAddr::parse(entry).map_err(|error| anyhow::anyhow!("bootstrap {entry:?}: {error}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(MeshSettings {
+        dc: mesh.dc.clone(),
+        identity,
+        cluster_key,
+        p2p_listen: vec![
+            parse_listen_addr(&mesh.p2p_listen)
+                .map_err(|error| anyhow::anyhow!("p2p listen {:?}: {error}", mesh.p2p_listen))?,
+        ],
+        data_listen: mesh.data_listen,
+        bootstrap,
+        upload_limit_bytes_per_second: mesh.upload_limit_bytes_per_second,
+        corrupt_served_chunks: config.fault_corrupt_served_chunks,
+    })
 }
 
 async fn flush_recency_periodically(store: Store, shutdown: CancellationToken) {

@@ -20,7 +20,7 @@ use cachemesh_proto::limits::{CHUNK_BYTES_MAX, OBJECT_BYTES_MAX};
 use cachemesh_proto::{ChunkId, Manifest, ObjectId};
 use futures::stream::{FuturesOrdered, Stream, StreamExt};
 
-use crate::fetch::{FetchError, Fetcher, Source};
+use crate::fetch::{FetchError, Fetcher, ObjectContext, Source};
 use crate::origin::OriginError;
 use crate::store::StoreError;
 
@@ -180,6 +180,9 @@ impl Objects {
         if let Err(error) = self.fetcher.store().put_manifest(&manifest).await {
             tracing::warn!(object = %object_id, %error, "could not keep a manifest in the local store");
         }
+        if let Some(mesh) = self.fetcher.mesh() {
+            mesh.provide(object_id).await;
+        }
         tracing::info!(object = %object_id, length = received, chunks_uploaded, "object put");
         Ok(PutObjectResponse {
             object_id,
@@ -205,22 +208,28 @@ impl Objects {
         Ok(manifest)
     }
 
-    /// The bytes of `range` of the object, in order, as a stream of verified pieces.
+    /// The bytes of `range` of object `object`, in order, as a stream of verified pieces.
+    ///
+    /// Each chunk is fetched by its own task, so hashing runs on every core.
     pub fn read(
         &self,
+        object: ObjectId,
         manifest: Arc<Manifest>,
         range: Range<u64>,
     ) -> impl Stream<Item = Result<Bytes, FetchError>> + Send + 'static {
         let fetcher = self.fetcher.clone();
         let indexes = manifest.chunks_covering(&range);
+        let context = Arc::new(ObjectContext { object });
         futures::stream::iter(indexes)
             .map(move |index| {
                 let fetcher = fetcher.clone();
                 let manifest = manifest.clone();
                 let range = range.clone();
+                let context = context.clone();
                 async move {
                     let id = manifest.chunks()[index];
-                    let (bytes, source) = fetcher.chunk(id).await?;
+                    let fetched = tokio::spawn(async move { fetcher.chunk(id, Some((&context, index))).await }).await;
+                    let (bytes, source) = fetched.map_err(|_| FetchError::Interrupted(id))??;
                     let chunk_range = manifest.chunk_range(index).unwrap_or(0..0);
                     let start = range.start.max(chunk_range.start) - chunk_range.start;
                     let end = range.end.min(chunk_range.end) - chunk_range.start;
@@ -239,7 +248,7 @@ impl Objects {
         let store = self.fetcher.store();
         // Pin first so that chunks fetched below cannot be evicted before the pin holds.
         store.pin_object(id, &manifest).await?;
-        let fetched = self.fetch_all(&manifest).await;
+        let fetched = self.fetch_all(*id, &manifest).await;
         let resident = manifest.chunks().iter().all(|chunk| store.contains(chunk));
         if let Err(error) = fetched {
             store.unpin_object(id, &manifest).await?;
@@ -252,11 +261,13 @@ impl Objects {
         Ok(manifest)
     }
 
-    async fn fetch_all(&self, manifest: &Manifest) -> Result<(), FetchError> {
-        let mut fetches = futures::stream::iter(manifest.chunks().to_vec())
-            .map(|id| {
+    async fn fetch_all(&self, object: ObjectId, manifest: &Manifest) -> Result<(), FetchError> {
+        let context = Arc::new(ObjectContext { object });
+        let mut fetches = futures::stream::iter(manifest.chunks().to_vec().into_iter().enumerate())
+            .map(|(index, id)| {
                 let fetcher = self.fetcher.clone();
-                async move { fetcher.chunk(id).await.map(|(_, source)| source) }
+                let context = context.clone();
+                async move { fetcher.chunk(id, Some((&context, index))).await.map(|(_, source)| source) }
             })
             .buffer_unordered(FETCH_WINDOW_CHUNKS);
         while let Some(result) = fetches.next().await {

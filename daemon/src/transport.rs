@@ -1,0 +1,2026 @@
+//! The data plane: chunks and have-sets between nodes over raw QUIC (quinn), ALPN `cachemesh/1`.
+//!
+//! One UDP endpoint per node both serves peers ([`DataPlane::start`], answering from a
+//! [`ChunkService`]) and fetches from them ([`DataPlane::have_set`], [`DataPlane::get_chunk`],
+//! [`DataPlane::home_fetch`]). The wire format is `cachemesh_proto::frames`; the protocol is
+//! described in `docs/protocol.md`.
+//!
+//! Goals:
+//! - Move 4 MiB chunks at datacenter speed: flow-control windows, stream counts, initial RTT,
+//!   congestion control and socket buffers are set here for chunk-sized transfers on a
+//!   low-latency link, not left at quinn's internet defaults (each setting says why).
+//! - Admit only cluster members: the first stream of every connection carries a [`Hello`]
+//!   from each side, signed by the node key and MACed with the cluster's admission key, both
+//!   over a transcript bound to this TLS session by an exported secret. TLS itself only
+//!   encrypts (self-signed certificate per start, any certificate accepted, handshake
+//!   signatures still checked); the Hello is the authentication.
+//! - Never let a peer cost unbounded memory or time: every queue, read, request and
+//!   connection count has a named limit below, and uploads share one bandwidth budget.
+//!
+//! Non-goals: choosing peers, hedging, retrying elsewhere, penalising peers (the fetch path
+//! does that with the typed [`PeerError`]s); storing chunks; membership.
+//!
+//! Invariants:
+//! - Nothing is served on a connection before the peer's Hello checked out, and a
+//!   connection whose peer fails a check is closed with [`CLOSE_ADMISSION_REFUSED`].
+//! - Nothing unverified leaves this module: [`DataPlane::get_chunk`] and
+//!   [`DataPlane::home_fetch`] return bytes only when they hash to the chunk id asked for.
+//! - The client never allocates more than a head's announced length, which the decoder has
+//!   bounded by `CHUNK_BYTES_MAX` (or `HAVE_SET_BYTES_MAX`) before any allocation.
+//! - Locks: the connection-cache map and the upload budget sit behind `std` mutexes that are
+//!   never held across an `.await`; a per-peer `tokio` mutex serialises connecting to that
+//!   peer so concurrent requests share one connection attempt.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+use std::ops::Range;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use cachemesh_proto::frames::{
+    ADMISSION_TAG_BYTES, ALPN, FrameError, Hello, PUBLIC_KEY_BYTES, Request, ResponseHead, Role, SIGNATURE_BYTES,
+    Status,
+};
+use cachemesh_proto::limits::{CHUNK_BYTES_MAX, DC_NAME_BYTES_MAX, FRAME_MESSAGE_BYTES_MAX, HAVE_SET_BYTES_MAX};
+use cachemesh_proto::{ChunkId, ObjectId};
+use libp2p::PeerId;
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::{
+    ClientConfig, Connection, ConnectionError, Endpoint, EndpointConfig, IdleTimeout, Incoming, MtuDiscoveryConfig,
+    ReadError, RecvStream, SendStream, ServerConfig, TransportConfig, VarInt, WriteError,
+};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::{Instant, timeout};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::identity::{NodeIdentity, verify_signature};
+
+// ---------------------------------------------------------------------------------------
+// Limits and transport settings.
+// ---------------------------------------------------------------------------------------
+
+/// Chunks one peer connection may be downloading at once before the sender waits for window.
+/// Sized for the fetch path's per-object window spread over a few holders.
+pub const DOWNLOAD_CHUNKS_IN_FLIGHT_PER_PEER: u32 = 8;
+
+/// Per-stream receive window for chunk answers (client side).
+///
+/// Why: quinn's default (1.25 MB) is below one chunk, so every 4 MiB chunk would stall on
+/// window updates. Two chunks let a whole chunk plus its head be in flight without the
+/// sender ever waiting for credit, even when the reader is a little behind.
+pub const STREAM_RECEIVE_WINDOW_BYTES: u32 = 2 * CHUNK_BYTES_MAX;
+
+/// Per-connection receive window (client side): all chunks in flight from one peer.
+///
+/// Why: bounds the memory one serving peer can make us buffer, while letting
+/// [`DOWNLOAD_CHUNKS_IN_FLIGHT_PER_PEER`] chunks stream concurrently at full speed (quinn's
+/// default is unbounded).
+pub const CONNECTION_RECEIVE_WINDOW_BYTES: u32 = DOWNLOAD_CHUNKS_IN_FLIGHT_PER_PEER * CHUNK_BYTES_MAX;
+
+/// Bytes quinn may hold from our writes on one connection (acknowledged or not).
+///
+/// Why: matches what a peer's [`CONNECTION_RECEIVE_WINDOW_BYTES`] lets us send, so serving is
+/// never limited by our own buffer; the bytes are slices of chunks we already hold, and the
+/// number of chunks held is bounded by [`SERVE_REQUESTS_MAX`].
+pub const SEND_WINDOW_BYTES: u64 = CONNECTION_RECEIVE_WINDOW_BYTES as u64;
+
+/// Requests one peer may have in service at once, over all its connections; more are
+/// answered `Busy`, so one peer cannot take every serving slot.
+pub const REQUESTS_PER_PEER_MAX: usize = 16;
+
+/// Bidirectional streams a peer may open at once on an admitted connection.
+///
+/// Why: above [`REQUESTS_PER_PEER_MAX`] so that excess requests reach us and get a quick
+/// `Busy` (the client then asks elsewhere) instead of queueing invisibly in QUIC; but
+/// bounded, so a peer cannot make us hold unboundedly many streams.
+pub const REQUEST_STREAMS_PER_CONNECTION_MAX: u32 = 2 * REQUESTS_PER_PEER_MAX as u32;
+
+/// Requests in service across all connections; more are answered `Busy`. Each may pin one
+/// chunk in memory, so this bounds what serving holds to this many chunks.
+pub const SERVE_REQUESTS_MAX: usize = 64;
+
+/// Admitted inbound connections; a peer admitted beyond it is closed with [`CLOSE_BUSY`].
+pub const CONNECTIONS_MAX: usize = 1024;
+
+/// Admitted inbound connections from one peer (ours keep one; a restart briefly makes two).
+pub const CONNECTIONS_PER_PEER_MAX: usize = 4;
+
+/// Inbound connections still in their handshake or Hello exchange; more are refused.
+/// Separate from [`CONNECTIONS_MAX`] so that a flood of strangers cannot crowd out members.
+pub const ADMISSIONS_IN_PROGRESS_MAX: usize = 64;
+
+/// Peers the client keeps a connection to; beyond it, closed entries are dropped first.
+pub const PEER_CONNECTIONS_MAX: usize = 1024;
+
+/// Per-stream receive window on the serving side: peers send us only requests and Hellos.
+///
+/// Why: a peer can make us buffer at most this per stream before we read it, so a hostile
+/// peer's junk costs at most [`SERVER_RECEIVE_WINDOW_BYTES`] per connection.
+pub const SERVER_STREAM_RECEIVE_WINDOW_BYTES: u32 = 4 * 1024;
+
+/// Per-connection receive window on the serving side.
+pub const SERVER_RECEIVE_WINDOW_BYTES: u32 = REQUEST_STREAMS_PER_CONNECTION_MAX * SERVER_STREAM_RECEIVE_WINDOW_BYTES;
+
+/// Largest Hello: magic, dc length, dc, key, signature, tag.
+pub const HELLO_BYTES_MAX: usize = 5 + DC_NAME_BYTES_MAX + PUBLIC_KEY_BYTES + SIGNATURE_BYTES + ADMISSION_TAG_BYTES;
+
+/// Bytes of a request read before giving up on it.
+pub const REQUEST_BYTES_MAX: usize = Request::ENCODED_BYTES_MAX;
+
+/// Largest answer head: a have-set of the largest object (an error head is smaller).
+pub const RESPONSE_HEAD_BYTES_MAX: usize = 5 + HAVE_SET_BYTES_MAX;
+
+/// Time for the QUIC/TLS handshake of a new connection.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Time for the Hello exchange once the handshake is done.
+pub const ADMISSION_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Time a peer has to send its whole request once it opened a stream.
+pub const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Time for a have-set or chunk request, end to end (both sides).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Time for a home fetch, end to end (both sides): it may wait on the origin.
+pub const HOME_FETCH_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Time to deliver a refusal (`Busy`, `BadRequest`) before abandoning the stream.
+pub const REFUSAL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// RTT assumed before the first sample.
+///
+/// Why: quinn's default is 333 ms (internet, per RFC 9002); a datacenter round trip is well
+/// under a millisecond, and a high initial guess makes the first loss recovery and pacing of
+/// every new connection hundreds of times too slow.
+pub const INITIAL_RTT: Duration = Duration::from_millis(1);
+
+/// Keep-alive on client connections.
+///
+/// Why: a cached connection stays warm (no handshake + Hello before the next chunk), and a
+/// dead peer shows up within [`IDLE_TIMEOUT`] even while a request waits on it.
+pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Silence after which a connection is dropped.
+///
+/// Why: datacenter peers answer in microseconds; 10 s of silence despite keep-alives means
+/// the peer is gone, and its slot should be free for others (quinn's default is 30 s).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Cubic's initial congestion window.
+///
+/// Why: quinn's default (about 14.7 KB) takes a dozen round trips to reach chunk speed on a
+/// new connection; 256 KiB gets there in four on a 1 ms path, while staying small enough that
+/// a hundred hosts starting at once do not overflow shallow datacenter switch buffers.
+pub const CONGESTION_INITIAL_WINDOW_BYTES: u64 = 256 * 1024;
+
+/// Largest UDP payload MTU discovery probes for.
+///
+/// Why: datacenter fabrics often carry 9000-byte jumbo frames (9000 minus IPv6 and UDP
+/// headers is 8952); bigger packets cut per-packet CPU, which bounds QUIC throughput. Paths
+/// that do not carry them just fail the probes and stay at the smaller size.
+pub const MTU_DISCOVERY_UPPER_BOUND_BYTES: u16 = 8952;
+
+/// UDP socket receive buffer asked of the kernel (capped by `net.core.rmem_max`).
+///
+/// Why: the default (about 208 KiB) is less than one chunk, so bursts from several peers
+/// are dropped at the socket and retransmitted.
+pub const UDP_RECEIVE_BUFFER_BYTES: usize = 2 * CONNECTION_RECEIVE_WINDOW_BYTES as usize;
+
+/// UDP socket send buffer asked of the kernel (capped by `net.core.wmem_max`).
+pub const UDP_SEND_BUFFER_BYTES: usize = 2 * CHUNK_BYTES_MAX as usize;
+
+/// Bytes of a chunk written between two draws on the upload budget.
+pub const UPLOAD_SLICE_BYTES: usize = 64 * 1024;
+
+/// Bytes the upload budget lets through at once after a quiet period.
+pub const UPLOAD_BURST_BYTES: u64 = 1024 * 1024;
+
+/// When the upload budget already has this much sending queued, new chunk requests are
+/// answered `Busy` (the peer asks elsewhere) rather than queued behind it.
+pub const UPLOAD_BACKLOG_BUSY_AFTER: Duration = Duration::from_secs(1);
+
+/// Label of the TLS exporter that binds Hellos to a session.
+pub const ADMISSION_EXPORTER_LABEL: &[u8] = b"cachemesh/1 admission";
+
+/// Length of the exported secret.
+pub const ADMISSION_EXPORTER_BYTES: usize = 32;
+
+/// Name the client puts in its TLS ClientHello (any certificate is accepted).
+const SERVER_NAME: &str = "cachemesh";
+
+/// Connection close code: this node is shutting down.
+pub const CLOSE_SHUTDOWN: VarInt = VarInt::from_u32(0);
+/// Connection close code: the peer failed admission.
+pub const CLOSE_ADMISSION_REFUSED: VarInt = VarInt::from_u32(1);
+/// Connection close code: the client replaced a connection to a peer that moved.
+pub const CLOSE_REPLACED: VarInt = VarInt::from_u32(2);
+/// Connection close code: admitted, but at [`CONNECTIONS_MAX`] or [`CONNECTIONS_PER_PEER_MAX`].
+pub const CLOSE_BUSY: VarInt = VarInt::from_u32(3);
+/// Stream reset code: the request was abandoned (timeout, malformed, shutting down).
+pub const STREAM_ABANDONED: VarInt = VarInt::from_u32(1);
+
+/// Priority of have-set answers over chunk bytes on one connection: they are small and
+/// steer where the next chunks are fetched from.
+const HAVE_SET_PRIORITY: i32 = 1;
+
+const _: () = assert!(STREAM_RECEIVE_WINDOW_BYTES >= 2 * CHUNK_BYTES_MAX);
+const _: () = assert!(CONNECTION_RECEIVE_WINDOW_BYTES >= STREAM_RECEIVE_WINDOW_BYTES);
+const _: () = assert!((REQUEST_STREAMS_PER_CONNECTION_MAX as usize) > REQUESTS_PER_PEER_MAX);
+const _: () = assert!(SERVE_REQUESTS_MAX >= REQUESTS_PER_PEER_MAX);
+const _: () = assert!(CONNECTIONS_PER_PEER_MAX >= 2 && CONNECTIONS_PER_PEER_MAX <= CONNECTIONS_MAX);
+const _: () = assert!(SERVER_STREAM_RECEIVE_WINDOW_BYTES as usize >= HELLO_BYTES_MAX);
+const _: () = assert!(SERVER_STREAM_RECEIVE_WINDOW_BYTES as usize >= REQUEST_BYTES_MAX);
+const _: () = assert!(UPLOAD_BURST_BYTES >= UPLOAD_SLICE_BYTES as u64);
+const _: () = assert!(RESPONSE_HEAD_BYTES_MAX >= 4 + FRAME_MESSAGE_BYTES_MAX);
+const _: () = assert!(KEEP_ALIVE_INTERVAL.as_millis() * 3 <= IDLE_TIMEOUT.as_millis());
+const _: () = assert!(CONNECT_TIMEOUT.as_secs() + ADMISSION_TIMEOUT.as_secs() < REQUEST_TIMEOUT.as_secs());
+const _: () = assert!(REQUEST_TIMEOUT.as_secs() <= HOME_FETCH_TIMEOUT.as_secs());
+
+// ---------------------------------------------------------------------------------------
+// Public types.
+// ---------------------------------------------------------------------------------------
+
+/// What the serving side answers from: the node's store, have-sets and home fetches.
+pub trait ChunkService: Send + Sync + 'static {
+    /// Chunks of `object` this node holds: (chunk_count, bitmap LSB-first), None if unknown object.
+    fn have_set(&self, object: ObjectId) -> impl Future<Output = Option<(u32, Vec<u8>)>> + Send;
+    /// A verified local chunk, None if not held.
+    fn local_chunk(&self, id: ChunkId) -> impl Future<Output = Option<Bytes>> + Send;
+    /// As home node: the chunk from the local store or the origin (coalesced), verified.
+    fn home_fetch(&self, id: ChunkId) -> impl Future<Output = Result<Bytes, HomeFetchError>> + Send;
+}
+
+/// Why a home fetch failed on the serving node.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HomeFetchError {
+    /// The origin does not have the chunk.
+    #[error("the chunk is not at the origin")]
+    NotFound,
+    /// The origin could not be reached or failed.
+    #[error("the origin is unavailable: {0}")]
+    OriginUnavailable(String),
+    /// A fault in this node.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// A peer to talk to: who it must prove to be, and where its data plane listens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PeerTarget {
+    /// The peer id the peer's Hello must prove.
+    pub peer_id: PeerId,
+    /// Its data-plane UDP address.
+    pub addr: SocketAddr,
+}
+
+/// How to run the data plane.
+pub struct DataPlaneConfig {
+    /// UDP address to listen on (port 0 picks one; see [`DataPlane::local_addr`]).
+    pub listen: SocketAddr,
+    /// This node's datacenter; peers of other DCs are refused.
+    pub dc: String,
+    /// This node's identity, which signs its Hellos.
+    pub identity: NodeIdentity,
+    /// The cluster's admission MAC key (`ClusterKey::admission_key`).
+    pub admission_key: [u8; 32],
+    /// Upload budget shared by all peers, in bytes per second; None for unlimited.
+    pub upload_limit_bytes_per_second: Option<u64>,
+    /// Test fault: GetChunk answers have one byte flipped.
+    #[cfg(feature = "test-faults")]
+    pub corrupt_served_chunks: bool,
+}
+
+impl DataPlaneConfig {
+    /// A config with no upload limit (and no faults).
+    pub fn new(listen: SocketAddr, dc: String, identity: NodeIdentity, admission_key: [u8; 32]) -> Self {
+        Self {
+            listen,
+            dc,
+            identity,
+            admission_key,
+            upload_limit_bytes_per_second: None,
+            #[cfg(feature = "test-faults")]
+            corrupt_served_chunks: false,
+        }
+    }
+}
+
+impl std::fmt::Debug for DataPlaneConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the admission key.
+        f.debug_struct("DataPlaneConfig")
+            .field("listen", &self.listen)
+            .field("dc", &self.dc)
+            .field("identity", &self.identity)
+            .field("upload_limit_bytes_per_second", &self.upload_limit_bytes_per_second)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why the data plane could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// The configuration is unusable.
+    #[error("data plane configuration: {0}")]
+    Config(String),
+    /// The UDP socket could not be bound.
+    #[error("data plane cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        source: io::Error,
+    },
+    /// The TLS setup (certificate, rustls or quinn crypto config) failed.
+    #[error("data plane TLS setup: {0}")]
+    Tls(String),
+}
+
+/// Which admission check failed (the `reason` label of
+/// `cachemesh_peer_admission_failures_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AdmissionFailure {
+    /// The Hello was not a Hello, too long, or the stream ended early.
+    #[error("malformed hello")]
+    Malformed,
+    /// The peer belongs to another datacenter.
+    #[error("peer is in another datacenter")]
+    WrongDc,
+    /// The admission tag does not match: the peer lacks the cluster key.
+    #[error("admission tag does not match (no cluster key)")]
+    BadTag,
+    /// The signature does not verify under the key the peer presented.
+    #[error("signature does not verify")]
+    BadSignature,
+    /// The peer proved an identity other than the one we meant to reach.
+    #[error("peer is not the node we meant to reach")]
+    WrongPeer,
+    /// The peer closed the connection because we failed its checks.
+    #[error("refused by the peer")]
+    RefusedByPeer,
+    /// The Hello exchange took longer than [`ADMISSION_TIMEOUT`].
+    #[error("hello exchange timed out")]
+    Timeout,
+    /// The connection failed during the exchange, or no session secret could be exported.
+    #[error("connection failed during the hello exchange")]
+    Disconnected,
+}
+
+impl AdmissionFailure {
+    /// The metrics label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Malformed => "malformed",
+            Self::WrongDc => "wrong_dc",
+            Self::BadTag => "bad_tag",
+            Self::BadSignature => "bad_signature",
+            Self::WrongPeer => "wrong_peer",
+            Self::RefusedByPeer => "refused_by_peer",
+            Self::Timeout => "timeout",
+            Self::Disconnected => "disconnected",
+        }
+    }
+}
+
+/// Why a request to a peer failed. The fetch path decides from this whether to try another
+/// peer, penalise this one, or fall back to the origin.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PeerError {
+    /// The peer could not be reached, or the connection was lost.
+    #[error("cannot reach the peer: {0}")]
+    Connect(String),
+    /// The Hello exchange failed (either side's checks).
+    #[error("peer admission failed: {0}")]
+    Admission(AdmissionFailure),
+    /// The peer is at its request or upload limit; ask elsewhere.
+    #[error("the peer is busy")]
+    Busy,
+    /// The peer does not hold it (or, for a home fetch, the origin does not).
+    #[error("the peer does not have it")]
+    NotFound,
+    /// The peer sent bytes that do not hash to the chunk id.
+    #[error("the peer sent chunk {chunk} with the wrong bytes")]
+    Corrupt {
+        /// The chunk asked for.
+        chunk: ChunkId,
+    },
+    /// The request did not finish within its time limit.
+    #[error("the request timed out")]
+    Timeout,
+    /// The peer broke the protocol.
+    #[error("protocol violation by the peer: {0}")]
+    Protocol(String),
+    /// The peer refused with another status.
+    #[error("the peer refused ({status:?}): {message}")]
+    Remote {
+        /// The status.
+        status: Status,
+        /// The peer's message, for logs.
+        message: String,
+    },
+}
+
+impl PeerError {
+    /// The metrics label (`cachemesh_peer_errors_total{kind}`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Connect(_) => "connect",
+            Self::Admission(_) => "admission",
+            Self::Busy => "busy",
+            Self::NotFound => "not_found",
+            Self::Corrupt { .. } => "corrupt",
+            Self::Timeout => "timeout",
+            Self::Protocol(_) => "protocol",
+            Self::Remote { .. } => "remote",
+        }
+    }
+}
+
+/// Describes this module's metrics (called by `crate::metrics` with the others).
+pub fn describe_metrics() {
+    use metrics::{Unit, describe_counter, describe_gauge};
+    describe_counter!("cachemesh_peer_upload_bytes_total", Unit::Bytes, "Chunk bytes sent to peers.");
+    describe_counter!("cachemesh_peer_download_bytes_total", Unit::Bytes, "Chunk bytes received from peers.");
+    describe_counter!(
+        "cachemesh_peer_requests_served_total",
+        "Data-plane requests answered, by kind (have_set, get_chunk, home_fetch, unknown) and status."
+    );
+    describe_counter!("cachemesh_peer_errors_total", "Failed requests to peers, by kind of PeerError.");
+    describe_counter!(
+        "cachemesh_peer_admission_failures_total",
+        "Data-plane connections closed because a Hello check failed, by reason."
+    );
+    describe_counter!(
+        "cachemesh_peer_connections_refused_total",
+        "Inbound data-plane connections refused for capacity, by limit (admissions, connections, per_peer)."
+    );
+    describe_gauge!("cachemesh_peer_inbound_connections", "Admitted inbound data-plane connections.");
+}
+
+// ---------------------------------------------------------------------------------------
+// The data plane.
+// ---------------------------------------------------------------------------------------
+
+/// A running data plane: serves peers until the shutdown token fires, and fetches from them.
+/// Cheap to clone (shared state).
+#[derive(Clone)]
+pub struct DataPlane {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for DataPlane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DataPlane")
+            .field("local_addr", &self.shared.local_addr)
+            .field("peer_id", &self.shared.local.identity.peer_id())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A slot per peer; the tokio mutex serialises (re)connecting to that peer.
+type PeerSlot = Arc<tokio::sync::Mutex<Option<Connection>>>;
+
+struct Shared {
+    endpoint: Endpoint,
+    local_addr: SocketAddr,
+    local: Arc<LocalHello>,
+    /// `std` mutex, never held across an `.await`.
+    peers: Mutex<HashMap<PeerId, PeerSlot>>,
+    tracker: TaskTracker,
+}
+
+/// What this node needs to produce and check Hellos.
+struct LocalHello {
+    dc: String,
+    identity: NodeIdentity,
+    admission_key: [u8; 32],
+}
+
+impl DataPlane {
+    /// Binds the endpoint and serves `service` to admitted peers until `shutdown` fires.
+    pub async fn start<S: ChunkService>(
+        config: DataPlaneConfig,
+        service: Arc<S>,
+        shutdown: CancellationToken,
+    ) -> Result<DataPlane, TransportError> {
+        if config.dc.len() > DC_NAME_BYTES_MAX {
+            return Err(TransportError::Config(format!("dc name is longer than {DC_NAME_BYTES_MAX} bytes")));
+        }
+        let upload = match config.upload_limit_bytes_per_second {
+            Some(0) => return Err(TransportError::Config("the upload limit must be above zero".into())),
+            Some(rate) => Some(Mutex::new(UploadBudget::new(rate, UPLOAD_BURST_BYTES, Instant::now()))),
+            None => None,
+        };
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let server_config = server_config(provider.clone())?;
+        let client_config = client_config(provider)?;
+
+        let socket = bind_socket(config.listen)?;
+        let mut endpoint =
+            Endpoint::new(EndpointConfig::default(), Some(server_config), socket, Arc::new(quinn::TokioRuntime))
+                .map_err(|source| TransportError::Bind { addr: config.listen, source })?;
+        endpoint.set_default_client_config(client_config);
+        let local_addr =
+            endpoint.local_addr().map_err(|source| TransportError::Bind { addr: config.listen, source })?;
+
+        let local =
+            Arc::new(LocalHello { dc: config.dc, identity: config.identity, admission_key: config.admission_key });
+        let tracker = TaskTracker::new();
+        let server = Arc::new(Server {
+            service,
+            local: local.clone(),
+            upload,
+            serving: Arc::new(Semaphore::new(SERVE_REQUESTS_MAX)),
+            connections: Arc::new(Semaphore::new(CONNECTIONS_MAX)),
+            peer_loads: Arc::new(Mutex::new(HashMap::new())),
+            shutdown: shutdown.clone(),
+            tracker: tracker.clone(),
+            #[cfg(feature = "test-faults")]
+            corrupt_served_chunks: config.corrupt_served_chunks,
+        });
+        tracker.spawn(accept_loop(endpoint.clone(), server, shutdown));
+        tracing::info!(addr = %local_addr, peer_id = %local.identity.peer_id(), "data plane listening");
+        Ok(DataPlane {
+            shared: Arc::new(Shared { endpoint, local_addr, local, peers: Mutex::new(HashMap::new()), tracker }),
+        })
+    }
+
+    /// The UDP address the data plane listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.shared.local_addr
+    }
+
+    /// This node's peer id, as its Hellos prove it.
+    pub fn peer_id(&self) -> PeerId {
+        self.shared.local.identity.peer_id()
+    }
+
+    /// Waits until the serving tasks have stopped (after the shutdown token fired).
+    pub async fn stopped(&self) {
+        self.shared.tracker.close();
+        self.shared.tracker.wait().await;
+        self.shared.endpoint.wait_idle().await;
+    }
+
+    /// The have-set of `object` at `peer`: (chunk_count, bitmap LSB-first).
+    pub async fn have_set(&self, peer: &PeerTarget, object: ObjectId) -> Result<(u32, Vec<u8>), PeerError> {
+        let answer = self.request(peer, Request::HaveSet(object), REQUEST_TIMEOUT).await;
+        let result = match answer {
+            Ok(Answer::HaveSet { chunk_count, bitmap }) => Ok((chunk_count, bitmap)),
+            Ok(Answer::Chunk(_)) => Err(PeerError::Protocol("a chunk answered a have-set request".into())),
+            Err(error) => Err(error),
+        };
+        count_peer_error(peer, result)
+    }
+
+    /// Chunk `id`, whole, from `peer`; verified against its id.
+    pub async fn get_chunk(&self, peer: &PeerTarget, id: ChunkId) -> Result<Bytes, PeerError> {
+        let request = Request::GetChunk { id, offset: 0, length: 0 };
+        let result = self.request(peer, request, REQUEST_TIMEOUT).await.and_then(|answer| verified(answer, id));
+        count_peer_error(peer, result)
+    }
+
+    /// Chunk `id` from `peer` acting as its home node (its store or the origin); verified.
+    pub async fn home_fetch(&self, peer: &PeerTarget, id: ChunkId) -> Result<Bytes, PeerError> {
+        let result = self
+            .request(peer, Request::HomeFetch(id), HOME_FETCH_TIMEOUT)
+            .await
+            .and_then(|answer| verified(answer, id));
+        count_peer_error(peer, result)
+    }
+
+    /// One request, retried once on a fresh connection when a cached one turns out dead.
+    async fn request(&self, peer: &PeerTarget, request: Request, limit: Duration) -> Result<Answer, PeerError> {
+        let attempt = async {
+            let (connection, fresh) = self.connection(peer).await?;
+            match exchange(&connection, request).await {
+                Err(ExchangeError::Lost(detail)) if !fresh => {
+                    tracing::debug!(peer = %peer.peer_id, %detail, "cached connection was dead; reconnecting");
+                    let (connection, _) = self.connection(peer).await?;
+                    exchange(&connection, request).await.map_err(ExchangeError::into_peer_error)
+                }
+                other => other.map_err(ExchangeError::into_peer_error),
+            }
+        };
+        timeout(limit, attempt).await.unwrap_or(Err(PeerError::Timeout))
+    }
+
+    /// The cached admitted connection to `peer`, or a new one; `true` when new.
+    async fn connection(&self, peer: &PeerTarget) -> Result<(Connection, bool), PeerError> {
+        let slot = {
+            let mut peers = self.shared.peers.lock().unwrap_or_else(PoisonError::into_inner);
+            if !peers.contains_key(&peer.peer_id) && peers.len() >= PEER_CONNECTIONS_MAX {
+                // Drop peers whose connection is gone and that nobody is connecting to.
+                peers.retain(|_, slot| match slot.try_lock() {
+                    Ok(connection) => connection.as_ref().is_some_and(|c| c.close_reason().is_none()),
+                    Err(_) => true,
+                });
+                if peers.len() >= PEER_CONNECTIONS_MAX {
+                    return Err(PeerError::Connect(format!("already connected to {PEER_CONNECTIONS_MAX} peers")));
+                }
+            }
+            peers.entry(peer.peer_id).or_default().clone()
+        };
+        let mut cached = slot.lock().await;
+        if let Some(connection) = cached.as_ref() {
+            if connection.close_reason().is_none() && same_address(connection.remote_address(), peer.addr) {
+                return Ok((connection.clone(), false));
+            }
+            if connection.close_reason().is_none() {
+                connection.close(CLOSE_REPLACED, b"peer moved");
+            }
+        }
+        *cached = None;
+        let connection = self.connect(peer).await?;
+        *cached = Some(connection.clone());
+        Ok((connection, true))
+    }
+
+    /// Connects to `peer` and runs the client side of the Hello exchange.
+    async fn connect(&self, peer: &PeerTarget) -> Result<Connection, PeerError> {
+        let connecting = self
+            .shared
+            .endpoint
+            .connect(peer.addr, SERVER_NAME)
+            .map_err(|error| PeerError::Connect(format!("{}: {error}", peer.addr)))?;
+        let connection = match timeout(CONNECT_TIMEOUT, connecting).await {
+            Ok(Ok(connection)) => connection,
+            Ok(Err(error)) => return Err(PeerError::Connect(format!("{}: {error}", peer.addr))),
+            Err(_) => return Err(PeerError::Connect(format!("{}: handshake timed out", peer.addr))),
+        };
+        let admitted = timeout(ADMISSION_TIMEOUT, admit_server(&connection, &self.shared.local, peer.peer_id)).await;
+        match admitted.unwrap_or(Err(AdmissionFailure::Timeout)) {
+            Ok(()) => Ok(connection),
+            Err(_) if closed_busy(&connection) => Err(PeerError::Busy),
+            Err(failure) => {
+                refuse(&connection, failure, peer.addr);
+                Err(PeerError::Admission(failure))
+            }
+        }
+    }
+}
+
+fn closed_busy(connection: &Connection) -> bool {
+    matches!(connection.close_reason(), Some(ConnectionError::ApplicationClosed(close)) if close.error_code == CLOSE_BUSY)
+}
+
+/// Whether two socket addresses name the same endpoint (IPv4-mapped IPv6 equals IPv4).
+fn same_address(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port() && a.ip().to_canonical() == b.ip().to_canonical()
+}
+
+fn count_peer_error<T>(peer: &PeerTarget, result: Result<T, PeerError>) -> Result<T, PeerError> {
+    if let Err(error) = &result {
+        metrics::counter!("cachemesh_peer_errors_total", "kind" => error.kind()).increment(1);
+        tracing::debug!(peer = %peer.peer_id, addr = %peer.addr, %error, "peer request failed");
+    }
+    result
+}
+
+fn verified(answer: Answer, id: ChunkId) -> Result<Bytes, PeerError> {
+    match answer {
+        Answer::Chunk(bytes) if id.matches(&bytes) => Ok(bytes),
+        Answer::Chunk(_) => Err(PeerError::Corrupt { chunk: id }),
+        Answer::HaveSet { .. } => Err(PeerError::Protocol("a have-set answered a chunk request".into())),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Endpoint setup.
+// ---------------------------------------------------------------------------------------
+
+fn bind_socket(addr: SocketAddr) -> Result<UdpSocket, TransportError> {
+    let socket = UdpSocket::bind(addr).map_err(|source| TransportError::Bind { addr, source })?;
+    // Larger buffers are an optimisation: the kernel caps them at rmem_max/wmem_max, and a
+    // failure to raise them is logged, not fatal.
+    match quinn::udp::UdpSocketState::new((&socket).into()) {
+        Ok(state) => {
+            if let Err(error) = state.set_recv_buffer_size((&socket).into(), UDP_RECEIVE_BUFFER_BYTES) {
+                tracing::warn!(%error, "cannot raise the data plane's UDP receive buffer");
+            }
+            if let Err(error) = state.set_send_buffer_size((&socket).into(), UDP_SEND_BUFFER_BYTES) {
+                tracing::warn!(%error, "cannot raise the data plane's UDP send buffer");
+            }
+            let receive = state.recv_buffer_size((&socket).into()).unwrap_or(0);
+            let send = state.send_buffer_size((&socket).into()).unwrap_or(0);
+            if receive < UDP_RECEIVE_BUFFER_BYTES {
+                tracing::info!(
+                    asked = UDP_RECEIVE_BUFFER_BYTES,
+                    got = receive,
+                    "UDP receive buffer capped by the kernel (raise net.core.rmem_max)"
+                );
+            }
+            tracing::debug!(receive, send, "data plane UDP buffers");
+        }
+        Err(error) => tracing::warn!(%error, "cannot configure the data plane's UDP socket"),
+    }
+    Ok(socket)
+}
+
+/// Settings both directions share.
+fn base_transport_config() -> TransportConfig {
+    let mut transport = TransportConfig::default();
+    transport
+        .initial_rtt(INITIAL_RTT)
+        .send_window(SEND_WINDOW_BYTES)
+        // Finish one chunk before the next on a connection: a reader waits on whole chunks,
+        // so round-robin interleaving would only delay every chunk in flight.
+        .send_fairness(false)
+        // Cubic rather than quinn's BBR, which quinn marks experimental; loss-based control
+        // suits shallow-buffered datacenter links with a raised initial window.
+        .congestion_controller_factory(Arc::new({
+            let mut cubic = quinn::congestion::CubicConfig::default();
+            cubic.initial_window(CONGESTION_INITIAL_WINDOW_BYTES);
+            cubic
+        }))
+        .mtu_discovery_config(Some({
+            let mut mtu = MtuDiscoveryConfig::default();
+            mtu.upper_bound(MTU_DISCOVERY_UPPER_BOUND_BYTES);
+            mtu
+        }))
+        // No unreliable datagrams and no unidirectional streams in this protocol.
+        .datagram_receive_buffer_size(None)
+        .max_concurrent_uni_streams(VarInt::from_u32(0));
+    if let Ok(idle) = IdleTimeout::try_from(IDLE_TIMEOUT) {
+        transport.max_idle_timeout(Some(idle));
+    }
+    transport
+}
+
+/// Transport for connections we accept: peers send us small requests, we send chunks.
+fn server_transport_config() -> TransportConfig {
+    let mut transport = base_transport_config();
+    transport
+        // One stream (the Hello) until the peer is admitted; raised to
+        // REQUEST_STREAMS_PER_CONNECTION_MAX afterwards.
+        .max_concurrent_bidi_streams(VarInt::from_u32(1))
+        .stream_receive_window(VarInt::from_u32(SERVER_STREAM_RECEIVE_WINDOW_BYTES))
+        .receive_window(VarInt::from_u32(SERVER_RECEIVE_WINDOW_BYTES));
+    transport
+}
+
+/// Transport for connections we open: we receive chunks, the peer never opens streams.
+fn client_transport_config() -> TransportConfig {
+    let mut transport = base_transport_config();
+    transport
+        .max_concurrent_bidi_streams(VarInt::from_u32(0))
+        .stream_receive_window(VarInt::from_u32(STREAM_RECEIVE_WINDOW_BYTES))
+        .receive_window(VarInt::from_u32(CONNECTION_RECEIVE_WINDOW_BYTES))
+        .keep_alive_interval(Some(KEEP_ALIVE_INTERVAL));
+    transport
+}
+
+fn server_config(provider: Arc<CryptoProvider>) -> Result<ServerConfig, TransportError> {
+    let certified = rcgen::generate_simple_self_signed(vec![SERVER_NAME.to_string()])
+        .map_err(|error| TransportError::Tls(format!("self-signed certificate: {error}")))?;
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(certified.signing_key.serialize_der()));
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|error| TransportError::Tls(error.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(vec![certified.cert.der().clone()], key)
+        .map_err(|error| TransportError::Tls(error.to_string()))?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = QuicServerConfig::try_from(tls).map_err(|error| TransportError::Tls(error.to_string()))?;
+    let mut config = ServerConfig::with_crypto(Arc::new(crypto));
+    config
+        .transport_config(Arc::new(server_transport_config()))
+        // Datacenter hosts do not roam; refusing migration removes a class of spoofing.
+        .migration(false)
+        .max_incoming(ADMISSIONS_IN_PROGRESS_MAX);
+    Ok(config)
+}
+
+fn client_config(provider: Arc<CryptoProvider>) -> Result<ClientConfig, TransportError> {
+    let verifier = Arc::new(AnyCertificate { provider: provider.clone() });
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|error| TransportError::Tls(error.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = QuicClientConfig::try_from(tls).map_err(|error| TransportError::Tls(error.to_string()))?;
+    let mut config = ClientConfig::new(Arc::new(crypto));
+    config.transport_config(Arc::new(client_transport_config()));
+    Ok(config)
+}
+
+/// Accepts any server certificate (self-signed, per start) but still checks that the server
+/// holds its key: the TLS 1.3 handshake signature is verified. Who the server is, is proved
+/// by its Hello, bound to this session by the exporter.
+#[derive(Debug)]
+struct AnyCertificate {
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        // The configs offer TLS 1.3 only.
+        Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls12NotOffered))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Admission.
+// ---------------------------------------------------------------------------------------
+
+fn exporter(connection: &Connection) -> Result<[u8; ADMISSION_EXPORTER_BYTES], AdmissionFailure> {
+    let mut out = [0u8; ADMISSION_EXPORTER_BYTES];
+    connection
+        .export_keying_material(&mut out, ADMISSION_EXPORTER_LABEL, b"")
+        .map_err(|_| AdmissionFailure::Disconnected)?;
+    Ok(out)
+}
+
+fn make_hello(local: &LocalHello, role: Role, exporter: &[u8; ADMISSION_EXPORTER_BYTES]) -> Hello {
+    let public_key = local.identity.public_key();
+    let transcript = Hello::transcript(role, exporter, &public_key, &local.dc);
+    Hello {
+        dc: local.dc.clone(),
+        public_key,
+        signature: local.identity.sign(&transcript),
+        admission_tag: *blake3::keyed_hash(&local.admission_key, &transcript).as_bytes(),
+    }
+}
+
+/// Checks a peer's Hello spoken in `role`; returns the peer id it proves.
+fn check_hello(
+    local: &LocalHello,
+    role: Role,
+    exporter: &[u8; ADMISSION_EXPORTER_BYTES],
+    hello: &Hello,
+) -> Result<PeerId, AdmissionFailure> {
+    if hello.dc != local.dc {
+        return Err(AdmissionFailure::WrongDc);
+    }
+    let transcript = Hello::transcript(role, exporter, &hello.public_key, &hello.dc);
+    // blake3::Hash equality is constant-time.
+    if blake3::keyed_hash(&local.admission_key, &transcript) != blake3::Hash::from_bytes(hello.admission_tag) {
+        return Err(AdmissionFailure::BadTag);
+    }
+    verify_signature(&hello.public_key, &transcript, &hello.signature).ok_or(AdmissionFailure::BadSignature)
+}
+
+/// A client Hello that checked out, waiting for our answer.
+struct ClientAdmitted {
+    peer_id: PeerId,
+    exporter: [u8; ADMISSION_EXPORTER_BYTES],
+    send: SendStream,
+}
+
+/// Server side, first half: reads and checks the client's Hello.
+async fn check_client(connection: &Connection, local: &LocalHello) -> Result<ClientAdmitted, AdmissionFailure> {
+    let (send, mut recv) = connection.accept_bi().await.map_err(|error| connection_failure(&error))?;
+    let exporter = exporter(connection)?;
+    let (hello, _) = read_frame(&mut recv, HELLO_BYTES_MAX, Hello::decode).await.map_err(hello_read_failure)?;
+    let peer_id = check_hello(local, Role::Client, &exporter, &hello)?;
+    Ok(ClientAdmitted { peer_id, exporter, send })
+}
+
+/// Server side, second half: opens the stream limit and answers our Hello.
+async fn answer_client(
+    connection: &Connection,
+    local: &LocalHello,
+    admitted: ClientAdmitted,
+) -> Result<PeerId, AdmissionFailure> {
+    let ClientAdmitted { peer_id, exporter, mut send } = admitted;
+    connection.set_max_concurrent_bi_streams(VarInt::from_u32(REQUEST_STREAMS_PER_CONNECTION_MAX));
+    let answer = make_hello(local, Role::Server, &exporter).encode();
+    send.write_all(&answer).await.map_err(|_| AdmissionFailure::Disconnected)?;
+    send.finish().map_err(|_| AdmissionFailure::Disconnected)?;
+    Ok(peer_id)
+}
+
+/// Client side: sends our Hello, reads and checks the server's, which must prove `expected`.
+async fn admit_server(connection: &Connection, local: &LocalHello, expected: PeerId) -> Result<(), AdmissionFailure> {
+    let (mut send, mut recv) = connection.open_bi().await.map_err(|error| connection_failure(&error))?;
+    let exporter = exporter(connection)?;
+    let hello = make_hello(local, Role::Client, &exporter).encode();
+    send.write_all(&hello).await.map_err(|_| AdmissionFailure::Disconnected)?;
+    send.finish().map_err(|_| AdmissionFailure::Disconnected)?;
+    let (answer, _) = read_frame(&mut recv, HELLO_BYTES_MAX, Hello::decode).await.map_err(hello_read_failure)?;
+    let peer_id = check_hello(local, Role::Server, &exporter, &answer)?;
+    if peer_id != expected {
+        return Err(AdmissionFailure::WrongPeer);
+    }
+    Ok(())
+}
+
+fn connection_failure(error: &ConnectionError) -> AdmissionFailure {
+    match error {
+        ConnectionError::ApplicationClosed(close) if close.error_code == CLOSE_ADMISSION_REFUSED => {
+            AdmissionFailure::RefusedByPeer
+        }
+        _ => AdmissionFailure::Disconnected,
+    }
+}
+
+fn hello_read_failure(error: FrameReadError) -> AdmissionFailure {
+    match error {
+        FrameReadError::Read(ReadError::ConnectionLost(error)) => connection_failure(&error),
+        FrameReadError::Read(_) => AdmissionFailure::Disconnected,
+        FrameReadError::Malformed(_) | FrameReadError::TooLong | FrameReadError::Ended => AdmissionFailure::Malformed,
+    }
+}
+
+/// Closes a connection whose peer failed admission, and counts it.
+fn refuse(connection: &Connection, failure: AdmissionFailure, remote: SocketAddr) {
+    metrics::counter!("cachemesh_peer_admission_failures_total", "reason" => failure.reason()).increment(1);
+    tracing::warn!(%remote, reason = failure.reason(), "data plane peer failed admission");
+    connection.close(CLOSE_ADMISSION_REFUSED, failure.reason().as_bytes());
+}
+
+// ---------------------------------------------------------------------------------------
+// Reading frames.
+// ---------------------------------------------------------------------------------------
+
+#[derive(Debug)]
+enum FrameReadError {
+    Malformed(FrameError),
+    TooLong,
+    Ended,
+    Read(ReadError),
+}
+
+/// Reads one frame of at most `limit` bytes; returns it and whatever bytes followed it in
+/// the same read (at most `limit` in all).
+async fn read_frame<T>(
+    recv: &mut RecvStream,
+    limit: usize,
+    decode: impl Fn(&[u8]) -> Result<Option<(T, usize)>, FrameError>,
+) -> Result<(T, Bytes), FrameReadError> {
+    let mut buffer = BytesMut::new();
+    loop {
+        if let Some((frame, used)) = decode(&buffer).map_err(FrameReadError::Malformed)? {
+            return Ok((frame, buffer.split_off(used).freeze()));
+        }
+        let room = limit.saturating_sub(buffer.len());
+        if room == 0 {
+            return Err(FrameReadError::TooLong);
+        }
+        match recv.read_chunk(room, true).await {
+            Ok(Some(chunk)) => buffer.extend_from_slice(&chunk.bytes),
+            Ok(None) => return Err(FrameReadError::Ended),
+            Err(error) => return Err(FrameReadError::Read(error)),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Client exchange.
+// ---------------------------------------------------------------------------------------
+
+enum Answer {
+    Chunk(Bytes),
+    HaveSet { chunk_count: u32, bitmap: Vec<u8> },
+}
+
+enum ExchangeError {
+    /// The connection died before the peer answered: worth one retry on a new connection.
+    Lost(String),
+    Peer(PeerError),
+}
+
+impl ExchangeError {
+    fn into_peer_error(self) -> PeerError {
+        match self {
+            Self::Lost(detail) => PeerError::Connect(detail),
+            Self::Peer(error) => error,
+        }
+    }
+}
+
+impl From<PeerError> for ExchangeError {
+    fn from(error: PeerError) -> Self {
+        Self::Peer(error)
+    }
+}
+
+fn read_error(error: ReadError) -> PeerError {
+    match error {
+        ReadError::ConnectionLost(error) => PeerError::Connect(format!("connection lost: {error}")),
+        ReadError::Reset(code) => PeerError::Protocol(format!("the peer abandoned the answer (code {code})")),
+        other => PeerError::Protocol(other.to_string()),
+    }
+}
+
+/// Sends one request on a new stream and reads the answer (unverified).
+async fn exchange(connection: &Connection, request: Request) -> Result<Answer, ExchangeError> {
+    let (mut send, mut recv) =
+        connection.open_bi().await.map_err(|error| ExchangeError::Lost(format!("connection lost: {error}")))?;
+    match send.write_all(&request.encode()).await {
+        // A server that refuses without reading (Busy) may stop our side first; its answer
+        // is still there to read.
+        Ok(()) | Err(WriteError::Stopped(_)) => {}
+        Err(WriteError::ConnectionLost(error)) => return Err(ExchangeError::Lost(format!("connection lost: {error}"))),
+        Err(error) => return Err(PeerError::Protocol(error.to_string()).into()),
+    }
+    // Finishing fails only if the stream was already stopped, handled above.
+    let _ = send.finish();
+
+    let (head, rest) = match read_frame(&mut recv, RESPONSE_HEAD_BYTES_MAX, ResponseHead::decode).await {
+        Ok(read) => read,
+        Err(FrameReadError::Read(ReadError::ConnectionLost(error))) => {
+            return Err(ExchangeError::Lost(format!("connection lost: {error}")));
+        }
+        Err(FrameReadError::Read(error)) => return Err(read_error(error).into()),
+        Err(FrameReadError::Malformed(error)) => return Err(PeerError::Protocol(error.to_string()).into()),
+        Err(FrameReadError::TooLong) => return Err(PeerError::Protocol("answer head too long".into()).into()),
+        Err(FrameReadError::Ended) => return Err(PeerError::Protocol("stream ended before an answer".into()).into()),
+    };
+    match head {
+        ResponseHead::Chunk { length } => Ok(Answer::Chunk(read_body(&mut recv, length, rest).await?)),
+        ResponseHead::HaveSet { chunk_count, bitmap } => {
+            if !rest.is_empty() {
+                return Err(PeerError::Protocol("bytes after a have-set".into()).into());
+            }
+            Ok(Answer::HaveSet { chunk_count, bitmap })
+        }
+        ResponseHead::Error { status, message } => Err(match status {
+            Status::Busy => PeerError::Busy,
+            Status::NotFound => PeerError::NotFound,
+            Status::Forbidden => PeerError::Admission(AdmissionFailure::RefusedByPeer),
+            status => PeerError::Remote { status, message },
+        }
+        .into()),
+    }
+}
+
+/// Reads exactly `length` body bytes (of which `first` arrived with the head), then the end
+/// of the stream. Allocates `length` once; the decoder bounded it by `CHUNK_BYTES_MAX`.
+async fn read_body(recv: &mut RecvStream, length: u32, first: Bytes) -> Result<Bytes, PeerError> {
+    let length = length as usize;
+    if first.len() > length {
+        return Err(PeerError::Protocol("more bytes than the head announced".into()));
+    }
+    let mut body = BytesMut::with_capacity(length);
+    body.extend_from_slice(&first);
+    while body.len() < length {
+        match recv.read_chunk(length - body.len(), true).await.map_err(read_error)? {
+            Some(chunk) => body.extend_from_slice(&chunk.bytes),
+            None => {
+                return Err(PeerError::Protocol(format!("stream ended after {} of {length} bytes", body.len())));
+            }
+        }
+    }
+    if recv.read_chunk(1, true).await.map_err(read_error)?.is_some() {
+        return Err(PeerError::Protocol("more bytes than the head announced".into()));
+    }
+    metrics::counter!("cachemesh_peer_download_bytes_total").increment(length as u64);
+    Ok(body.freeze())
+}
+
+// ---------------------------------------------------------------------------------------
+// Serving.
+// ---------------------------------------------------------------------------------------
+
+struct Server<S> {
+    service: Arc<S>,
+    local: Arc<LocalHello>,
+    /// `std` mutex, never held across an `.await`.
+    upload: Option<Mutex<UploadBudget>>,
+    /// Requests in service across all connections ([`SERVE_REQUESTS_MAX`]).
+    serving: Arc<Semaphore>,
+    /// Admitted inbound connections ([`CONNECTIONS_MAX`]).
+    connections: Arc<Semaphore>,
+    /// Per-peer connection counts and request slots; `std` mutex, never held across an `.await`.
+    peer_loads: Arc<Mutex<HashMap<PeerId, PeerLoad>>>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    #[cfg(feature = "test-faults")]
+    corrupt_served_chunks: bool,
+}
+
+/// One peer's share of the serving side.
+struct PeerLoad {
+    connections: usize,
+    requests: Arc<Semaphore>,
+}
+
+/// Counts one admitted connection against its peer until dropped.
+struct PeerLoadGuard {
+    peer_loads: Arc<Mutex<HashMap<PeerId, PeerLoad>>>,
+    peer_id: PeerId,
+}
+
+impl PeerLoadGuard {
+    /// Registers a connection from `peer_id`; None when it already has
+    /// [`CONNECTIONS_PER_PEER_MAX`]. Returns the peer's request slots.
+    fn register(peer_loads: &Arc<Mutex<HashMap<PeerId, PeerLoad>>>, peer_id: PeerId) -> Option<(Self, Arc<Semaphore>)> {
+        let mut loads = peer_loads.lock().unwrap_or_else(PoisonError::into_inner);
+        let load = loads
+            .entry(peer_id)
+            .or_insert_with(|| PeerLoad { connections: 0, requests: Arc::new(Semaphore::new(REQUESTS_PER_PEER_MAX)) });
+        if load.connections >= CONNECTIONS_PER_PEER_MAX {
+            return None;
+        }
+        load.connections += 1;
+        let requests = load.requests.clone();
+        Some((Self { peer_loads: peer_loads.clone(), peer_id }, requests))
+    }
+}
+
+impl Drop for PeerLoadGuard {
+    fn drop(&mut self) {
+        let mut loads = self.peer_loads.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(load) = loads.get_mut(&self.peer_id) {
+            load.connections = load.connections.saturating_sub(1);
+            if load.connections == 0 {
+                loads.remove(&self.peer_id);
+            }
+        }
+    }
+}
+
+async fn accept_loop<S: ChunkService>(endpoint: Endpoint, server: Arc<Server<S>>, shutdown: CancellationToken) {
+    let admissions = Arc::new(Semaphore::new(ADMISSIONS_IN_PROGRESS_MAX));
+    loop {
+        let incoming = tokio::select! {
+            () = shutdown.cancelled() => break,
+            incoming = endpoint.accept() => match incoming {
+                Some(incoming) => incoming,
+                None => break,
+            },
+        };
+        let Ok(permit) = admissions.clone().try_acquire_owned() else {
+            metrics::counter!("cachemesh_peer_connections_refused_total", "limit" => "admissions").increment(1);
+            tracing::warn!(remote = %incoming.remote_address(), "refusing a data plane connection: at ADMISSIONS_IN_PROGRESS_MAX");
+            incoming.refuse();
+            continue;
+        };
+        server.tracker.spawn(server.clone().serve_connection(incoming, permit));
+    }
+    endpoint.close(CLOSE_SHUTDOWN, b"shutting down");
+}
+
+/// Why serving one request stopped short of a complete answer.
+#[derive(Debug, thiserror::Error)]
+enum ServeError {
+    #[error("writing the answer: {0}")]
+    Write(#[from] WriteError),
+    #[error("timed out")]
+    TimedOut,
+    #[error("shutting down")]
+    ShuttingDown,
+}
+
+fn refusal(status: Status, message: &str) -> ResponseHead {
+    ResponseHead::Error { status, message: message.to_string() }
+}
+
+fn status_label(status: Status) -> &'static str {
+    match status {
+        Status::Ok => "ok",
+        Status::NotFound => "not_found",
+        Status::Busy => "busy",
+        Status::BadRequest => "bad_request",
+        Status::OriginUnavailable => "origin_unavailable",
+        Status::Internal => "internal",
+        Status::Forbidden => "forbidden",
+    }
+}
+
+fn count_served(kind: &'static str, status: &'static str) {
+    metrics::counter!("cachemesh_peer_requests_served_total", "kind" => kind, "status" => status).increment(1);
+}
+
+fn request_kind(request: &Request) -> &'static str {
+    match request {
+        Request::HaveSet(_) => "have_set",
+        Request::GetChunk { .. } => "get_chunk",
+        Request::HomeFetch(_) => "home_fetch",
+    }
+}
+
+/// The byte range a GetChunk asks of a chunk of `chunk_length` bytes (`length` 0 = to the end).
+fn chunk_range(chunk_length: usize, offset: u32, length: u32) -> Option<Range<usize>> {
+    let start = offset as usize;
+    let end = if length == 0 { chunk_length } else { start.checked_add(length as usize)? };
+    (start <= end && end <= chunk_length).then_some(start..end)
+}
+
+/// Writes a refusal head, bounded by [`REFUSAL_TIMEOUT`].
+async fn send_refusal(mut send: SendStream, head: ResponseHead) {
+    let written = timeout(REFUSAL_TIMEOUT, async {
+        send.write_all(&head.encode()).await?;
+        send.finish().map_err(|_| WriteError::ClosedStream)
+    })
+    .await;
+    if !matches!(written, Ok(Ok(()))) {
+        let _ = send.reset(STREAM_ABANDONED);
+    }
+}
+
+impl<S: ChunkService> Server<S> {
+    async fn serve_connection(self: Arc<Self>, incoming: Incoming, admission: OwnedSemaphorePermit) {
+        let remote = incoming.remote_address();
+        let connecting = match incoming.accept() {
+            Ok(connecting) => connecting,
+            Err(error) => {
+                tracing::debug!(%remote, %error, "data plane handshake failed");
+                return;
+            }
+        };
+        let connection = match timeout(CONNECT_TIMEOUT, connecting).await {
+            Ok(Ok(connection)) => connection,
+            Ok(Err(error)) => {
+                tracing::debug!(%remote, %error, "data plane handshake failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(%remote, "data plane handshake timed out");
+                return;
+            }
+        };
+        let admitted = timeout(ADMISSION_TIMEOUT, async {
+            let admitted = check_client(&connection, &self.local).await?;
+            // Capacity is checked before our Hello goes out, so the client learns it as
+            // CLOSE_BUSY during admission rather than as a dead connection afterwards.
+            let Some(capacity) = self.take_capacity(admitted.peer_id) else { return Ok(None) };
+            let peer_id = answer_client(&connection, &self.local, admitted).await?;
+            Ok(Some((peer_id, capacity)))
+        })
+        .await;
+        drop(admission);
+        let (peer_id, (_slot, _load, requests)) = match admitted.unwrap_or(Err(AdmissionFailure::Timeout)) {
+            Ok(Some(admitted)) => admitted,
+            Ok(None) => {
+                connection.close(CLOSE_BUSY, b"too many connections");
+                return;
+            }
+            Err(failure) => {
+                refuse(&connection, failure, remote);
+                return;
+            }
+        };
+        tracing::debug!(%remote, %peer_id, "data plane peer admitted");
+        metrics::gauge!("cachemesh_peer_inbound_connections").increment(1.0);
+        loop {
+            let (send, recv) = tokio::select! {
+                () = self.shutdown.cancelled() => {
+                    connection.close(CLOSE_SHUTDOWN, b"shutting down");
+                    break;
+                }
+                accepted = connection.accept_bi() => match accepted {
+                    Ok(streams) => streams,
+                    Err(error) => {
+                        tracing::debug!(%remote, %peer_id, %error, "data plane connection ended");
+                        break;
+                    }
+                },
+            };
+            match requests.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    self.tracker.spawn(self.clone().serve_stream(send, recv, permit));
+                }
+                Err(_) => {
+                    // Answered without reading the request; the number of these in flight
+                    // is bounded by REQUEST_STREAMS_PER_CONNECTION_MAX per connection.
+                    count_served("unknown", status_label(Status::Busy));
+                    let head = refusal(Status::Busy, "too many requests from this peer");
+                    self.tracker.spawn(async move {
+                        send_refusal(send, head).await;
+                        drop(recv);
+                    });
+                }
+            }
+        }
+        metrics::gauge!("cachemesh_peer_inbound_connections").decrement(1.0);
+    }
+
+    /// A slot under [`CONNECTIONS_MAX`] and [`CONNECTIONS_PER_PEER_MAX`] for an admitted
+    /// peer, and that peer's request slots; None (counted) when either limit is reached.
+    fn take_capacity(&self, peer_id: PeerId) -> Option<(OwnedSemaphorePermit, PeerLoadGuard, Arc<Semaphore>)> {
+        let Ok(slot) = self.connections.clone().try_acquire_owned() else {
+            metrics::counter!("cachemesh_peer_connections_refused_total", "limit" => "connections").increment(1);
+            tracing::warn!(%peer_id, "refusing a data plane connection: at CONNECTIONS_MAX");
+            return None;
+        };
+        let Some((load, requests)) = PeerLoadGuard::register(&self.peer_loads, peer_id) else {
+            metrics::counter!("cachemesh_peer_connections_refused_total", "limit" => "per_peer").increment(1);
+            tracing::warn!(%peer_id, "refusing a data plane connection: at CONNECTIONS_PER_PEER_MAX");
+            return None;
+        };
+        Some((slot, load, requests))
+    }
+
+    async fn serve_stream(self: Arc<Self>, mut send: SendStream, mut recv: RecvStream, _permit: OwnedSemaphorePermit) {
+        let read = timeout(REQUEST_READ_TIMEOUT, read_frame(&mut recv, REQUEST_BYTES_MAX, Request::decode)).await;
+        let request = match read {
+            Ok(Ok((request, _))) => request,
+            Ok(Err(FrameReadError::Malformed(error))) => {
+                count_served("unknown", status_label(Status::BadRequest));
+                send_refusal(send, refusal(Status::BadRequest, &error.to_string())).await;
+                return;
+            }
+            Ok(Err(_)) | Err(_) => {
+                count_served("unknown", "abandoned");
+                let _ = send.reset(STREAM_ABANDONED);
+                return;
+            }
+        };
+        drop(recv);
+        let kind = request_kind(&request);
+        let Ok(_serving) = self.serving.clone().try_acquire_owned() else {
+            count_served(kind, status_label(Status::Busy));
+            send_refusal(send, refusal(Status::Busy, "serving too many requests")).await;
+            return;
+        };
+        let limit = if matches!(request, Request::HomeFetch(_)) { HOME_FETCH_TIMEOUT } else { REQUEST_TIMEOUT };
+        let outcome = tokio::select! {
+            () = self.shutdown.cancelled() => Err(ServeError::ShuttingDown),
+            answered = timeout(limit, self.answer(request, &mut send)) => answered.unwrap_or(Err(ServeError::TimedOut)),
+        };
+        match outcome.and_then(|status| send.finish().map(|()| status).map_err(|_| WriteError::ClosedStream.into())) {
+            Ok(status) => count_served(kind, status_label(status)),
+            Err(error) => {
+                tracing::debug!(kind, %error, "data plane request abandoned");
+                count_served(kind, "abandoned");
+                let _ = send.reset(STREAM_ABANDONED);
+            }
+        }
+    }
+
+    /// Answers one request; returns the status sent.
+    async fn answer(&self, request: Request, send: &mut SendStream) -> Result<Status, ServeError> {
+        match request {
+            Request::HaveSet(object) => {
+                let head = match self.service.have_set(object).await {
+                    Some((chunk_count, bitmap))
+                        if bitmap.len() == (chunk_count as usize).div_ceil(8) && bitmap.len() <= HAVE_SET_BYTES_MAX =>
+                    {
+                        ResponseHead::HaveSet { chunk_count, bitmap }
+                    }
+                    Some((chunk_count, bitmap)) => {
+                        tracing::error!(%object, chunk_count, bitmap_bytes = bitmap.len(), "have-set of the wrong size");
+                        refusal(Status::Internal, "have-set of the wrong size")
+                    }
+                    None => refusal(Status::NotFound, "unknown object"),
+                };
+                let _ = send.set_priority(HAVE_SET_PRIORITY);
+                write_head(send, &head).await
+            }
+            Request::GetChunk { id, offset, length } => {
+                if let Some(busy) = self.upload_backlog_refusal() {
+                    return write_head(send, &busy).await;
+                }
+                let Some(chunk) = self.service.local_chunk(id).await else {
+                    return write_head(send, &refusal(Status::NotFound, "chunk not held")).await;
+                };
+                let Some(range) = chunk_range(chunk.len(), offset, length) else {
+                    let message = format!("range {offset}+{length} outside a chunk of {} bytes", chunk.len());
+                    return write_head(send, &refusal(Status::BadRequest, &message)).await;
+                };
+                let body = self.fault(chunk.slice(range));
+                self.send_chunk(send, body).await
+            }
+            Request::HomeFetch(id) => {
+                if let Some(busy) = self.upload_backlog_refusal() {
+                    return write_head(send, &busy).await;
+                }
+                match self.service.home_fetch(id).await {
+                    Ok(chunk) => self.send_chunk(send, chunk).await,
+                    Err(HomeFetchError::NotFound) => {
+                        write_head(send, &refusal(Status::NotFound, "chunk not at the origin")).await
+                    }
+                    Err(HomeFetchError::OriginUnavailable(message)) => {
+                        write_head(send, &refusal(Status::OriginUnavailable, &message)).await
+                    }
+                    Err(HomeFetchError::Internal(message)) => {
+                        write_head(send, &refusal(Status::Internal, &message)).await
+                    }
+                }
+            }
+        }
+    }
+
+    /// `Busy` when the upload budget already has more than [`UPLOAD_BACKLOG_BUSY_AFTER`] queued.
+    fn upload_backlog_refusal(&self) -> Option<ResponseHead> {
+        let budget = self.upload.as_ref()?;
+        let backlog = budget.lock().unwrap_or_else(PoisonError::into_inner).backlog(Instant::now());
+        (backlog > UPLOAD_BACKLOG_BUSY_AFTER).then(|| refusal(Status::Busy, "upload budget exhausted"))
+    }
+
+    /// Writes a chunk head and its bytes, drawing on the upload budget slice by slice.
+    async fn send_chunk(&self, send: &mut SendStream, body: Bytes) -> Result<Status, ServeError> {
+        let length = match u32::try_from(body.len()) {
+            Ok(length) if length <= CHUNK_BYTES_MAX => length,
+            _ => {
+                tracing::error!(bytes = body.len(), "refusing to serve a chunk above CHUNK_BYTES_MAX");
+                return write_head(send, &refusal(Status::Internal, "chunk too large")).await;
+            }
+        };
+        write_head(send, &ResponseHead::Chunk { length }).await?;
+        let mut at = 0;
+        while at < body.len() {
+            let end = body.len().min(at + UPLOAD_SLICE_BYTES);
+            let slice = body.slice(at..end);
+            if let Some(budget) = &self.upload {
+                let wait =
+                    budget.lock().unwrap_or_else(PoisonError::into_inner).reserve(Instant::now(), slice.len() as u64);
+                if !wait.is_zero() {
+                    tokio::time::sleep(wait).await;
+                }
+            }
+            send.write_chunk(slice).await?;
+            metrics::counter!("cachemesh_peer_upload_bytes_total").increment((end - at) as u64);
+            at = end;
+        }
+        Ok(Status::Ok)
+    }
+
+    #[cfg(feature = "test-faults")]
+    fn fault(&self, body: Bytes) -> Bytes {
+        if !self.corrupt_served_chunks {
+            return body;
+        }
+        let mut corrupt = body.to_vec();
+        if let Some(byte) = corrupt.first_mut() {
+            *byte ^= 0xff;
+        }
+        Bytes::from(corrupt)
+    }
+
+    #[cfg(not(feature = "test-faults"))]
+    fn fault(&self, body: Bytes) -> Bytes {
+        body
+    }
+}
+
+async fn write_head(send: &mut SendStream, head: &ResponseHead) -> Result<Status, ServeError> {
+    send.write_all(&head.encode()).await?;
+    Ok(match head {
+        ResponseHead::Error { status, .. } => *status,
+        ResponseHead::Chunk { .. } | ResponseHead::HaveSet { .. } => Status::Ok,
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Upload budget: a plain struct fed the time.
+// ---------------------------------------------------------------------------------------
+
+/// A token bucket in bytes, shared by every upload. Reservations may run it into debt; the
+/// caller then waits until the debt is paid, so reservations are served in the order they
+/// were made and the bytes sent by any time `t` after a full bucket never exceed
+/// `burst + rate * t`.
+#[derive(Debug)]
+struct UploadBudget {
+    rate_bytes_per_second: f64,
+    burst_bytes: f64,
+    /// Negative when reservations are waiting.
+    tokens: f64,
+    refilled_at: Instant,
+}
+
+impl UploadBudget {
+    fn new(rate_bytes_per_second: u64, burst_bytes: u64, now: Instant) -> Self {
+        Self {
+            rate_bytes_per_second: rate_bytes_per_second as f64,
+            burst_bytes: burst_bytes as f64,
+            tokens: burst_bytes as f64,
+            refilled_at: now,
+        }
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.refilled_at).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.rate_bytes_per_second).min(self.burst_bytes);
+        self.refilled_at = self.refilled_at.max(now);
+    }
+
+    fn debt_wait(&self) -> Duration {
+        if self.tokens >= 0.0 {
+            return Duration::ZERO;
+        }
+        Duration::try_from_secs_f64(-self.tokens / self.rate_bytes_per_second).unwrap_or(Duration::MAX)
+    }
+
+    /// Takes `bytes`; returns how long to wait before sending them.
+    fn reserve(&mut self, now: Instant, bytes: u64) -> Duration {
+        self.refill(now);
+        self.tokens -= bytes as f64;
+        self.debt_wait()
+    }
+
+    /// How long sending already reserved has yet to wait.
+    fn backlog(&mut self, now: Instant) -> Duration {
+        self.refill(now);
+        self.debt_wait()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{IpAddr, Ipv4Addr};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    const DC: &str = "test-dc";
+    const CLUSTER: [u8; 32] = [7; 32];
+    const OTHER_CLUSTER: [u8; 32] = [8; 32];
+
+    /// Deterministic pseudo-random bytes from a seed (BLAKE3 in XOF mode).
+    fn test_bytes(seed: &str, length: usize) -> Bytes {
+        let mut out = vec![0u8; length];
+        blake3::Hasher::new().update(seed.as_bytes()).finalize_xof().fill(&mut out);
+        Bytes::from(out)
+    }
+
+    fn identity() -> NodeIdentity {
+        NodeIdentity::from_keypair(libp2p::identity::Keypair::generate_ed25519()).unwrap()
+    }
+
+    #[derive(Default)]
+    struct FakeService {
+        have: HashMap<ObjectId, (u32, Vec<u8>)>,
+        /// Served as-is under the given id, whether or not they match it.
+        chunks: HashMap<ChunkId, Bytes>,
+        origin: HashMap<ChunkId, Result<Bytes, HomeFetchError>>,
+        calls: AtomicUsize,
+        /// When set, `local_chunk` reports its start and waits for a permit.
+        gate: Option<Gate>,
+    }
+
+    struct Gate {
+        started: Semaphore,
+        release: Semaphore,
+    }
+
+    impl ChunkService for FakeService {
+        async fn have_set(&self, object: ObjectId) -> Option<(u32, Vec<u8>)> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            self.have.get(&object).cloned()
+        }
+
+        async fn local_chunk(&self, id: ChunkId) -> Option<Bytes> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            if let Some(gate) = &self.gate {
+                gate.started.add_permits(1);
+                gate.release.acquire().await.unwrap().forget();
+            }
+            self.chunks.get(&id).cloned()
+        }
+
+        async fn home_fetch(&self, id: ChunkId) -> Result<Bytes, HomeFetchError> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            self.origin.get(&id).cloned().unwrap_or(Err(HomeFetchError::NotFound))
+        }
+    }
+
+    struct Node {
+        plane: DataPlane,
+        service: Arc<FakeService>,
+        shutdown: CancellationToken,
+    }
+
+    impl Node {
+        fn target(&self) -> PeerTarget {
+            PeerTarget { peer_id: self.plane.peer_id(), addr: self.plane.local_addr() }
+        }
+    }
+
+    impl Drop for Node {
+        fn drop(&mut self) {
+            self.shutdown.cancel();
+        }
+    }
+
+    fn loopback() -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0)
+    }
+
+    async fn start_with(config: DataPlaneConfig, service: FakeService) -> Node {
+        let service = Arc::new(service);
+        let shutdown = CancellationToken::new();
+        let plane = DataPlane::start(config, service.clone(), shutdown.clone()).await.unwrap();
+        Node { plane, service, shutdown }
+    }
+
+    async fn start(admission_key: [u8; 32], service: FakeService) -> Node {
+        start_with(DataPlaneConfig::new(loopback(), DC.into(), identity(), admission_key), service).await
+    }
+
+    fn metrics_handle() -> &'static metrics_exporter_prometheus::PrometheusHandle {
+        static HANDLE: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> = std::sync::OnceLock::new();
+        HANDLE.get_or_init(|| metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder().unwrap())
+    }
+
+    #[tokio::test]
+    async fn have_set_chunk_slice_and_home_fetch_round_trip() {
+        // Goal: every request kind crosses real QUIC endpoints intact, including a whole
+        // 4 MiB chunk (bigger than quinn's default stream window), slices of it, and each
+        // refusal the fetch path must tell apart.
+        let chunk = test_bytes("chunk", CHUNK_BYTES_MAX as usize);
+        let id = ChunkId::of(&chunk);
+        let homed = test_bytes("homed", 1000);
+        let homed_id = ChunkId::of(&homed);
+        let unavailable_id = ChunkId::of(b"origin down");
+        let object = ObjectId::of(b"object");
+        let mut service = FakeService::default();
+        service.have.insert(object, (10, vec![0b1010_0101, 0b10]));
+        service.chunks.insert(id, chunk.clone());
+        service.origin.insert(homed_id, Ok(homed.clone()));
+        service.origin.insert(unavailable_id, Err(HomeFetchError::OriginUnavailable("s3 is down".into())));
+        let server = start(CLUSTER, service).await;
+        let client = start(CLUSTER, FakeService::default()).await;
+        let peer = server.target();
+
+        assert_eq!(client.plane.have_set(&peer, object).await, Ok((10, vec![0b1010_0101, 0b10])));
+        assert_eq!(client.plane.have_set(&peer, ObjectId::of(b"unknown")).await, Err(PeerError::NotFound));
+        assert_eq!(client.plane.get_chunk(&peer, id).await, Ok(chunk.clone()));
+        assert_eq!(client.plane.get_chunk(&peer, ChunkId::of(b"absent")).await, Err(PeerError::NotFound));
+        assert_eq!(client.plane.home_fetch(&peer, homed_id).await, Ok(homed));
+        assert_eq!(client.plane.home_fetch(&peer, ChunkId::of(b"nowhere")).await, Err(PeerError::NotFound));
+        assert!(matches!(
+            client.plane.home_fetch(&peer, unavailable_id).await,
+            Err(PeerError::Remote { status: Status::OriginUnavailable, message }) if message == "s3 is down"
+        ));
+
+        // Slices, through the raw exchange (get_chunk only hands out verified whole chunks).
+        let (connection, _) = client.plane.connection(&peer).await.unwrap();
+        let slice = |offset, length| exchange(&connection, Request::GetChunk { id, offset, length });
+        let Ok(Answer::Chunk(middle)) = slice(1000, 5000).await else { panic!("no slice") };
+        assert_eq!(middle, chunk.slice(1000..6000));
+        let Ok(Answer::Chunk(tail)) = slice(CHUNK_BYTES_MAX - 10, 0).await else { panic!("no tail") };
+        assert_eq!(tail, chunk.slice(chunk.len() - 10..));
+        let Err(ExchangeError::Peer(PeerError::Remote { status, .. })) = slice(CHUNK_BYTES_MAX - 10, 11).await else {
+            panic!("a range past the end was served")
+        };
+        assert_eq!(status, Status::BadRequest);
+
+        // All of it went over one cached connection.
+        assert_eq!(client.plane.shared.endpoint.open_connections(), 1);
+    }
+
+    #[tokio::test]
+    async fn foreign_admission_key_is_refused_both_ways_and_fetches_nothing() {
+        // Goal: a node without the cluster key can neither fetch from a member nor pass as
+        // one when a member connects to it, the member's service is never asked, and the
+        // refusals are counted by reason.
+        let handle = metrics_handle();
+        let chunk = test_bytes("member chunk", 5000);
+        let id = ChunkId::of(&chunk);
+        let object = ObjectId::of(b"object");
+        let mut service = FakeService::default();
+        service.chunks.insert(id, chunk);
+        service.have.insert(object, (1, vec![1]));
+        service.origin.insert(id, Ok(test_bytes("member chunk", 5000)));
+        let member = start(CLUSTER, service).await;
+        let outsider = start(OTHER_CLUSTER, FakeService::default()).await;
+
+        let refused = PeerError::Admission(AdmissionFailure::RefusedByPeer);
+        assert_eq!(outsider.plane.have_set(&member.target(), object).await, Err(refused.clone()));
+        assert_eq!(outsider.plane.get_chunk(&member.target(), id).await, Err(refused.clone()));
+        assert_eq!(outsider.plane.home_fetch(&member.target(), id).await, Err(refused.clone()));
+        assert_eq!(member.service.calls.load(Ordering::SeqCst), 0);
+
+        // The other direction: the outsider, which checks first, refuses the member.
+        assert_eq!(member.plane.have_set(&outsider.target(), object).await, Err(refused));
+        assert_eq!(outsider.service.calls.load(Ordering::SeqCst), 0);
+
+        // And a server that lets anyone in but lacks the key is refused by the member's own
+        // check of its Hello.
+        let lenient = LocalHello { dc: DC.into(), identity: identity(), admission_key: OTHER_CLUSTER };
+        let lenient = start_lenient_server(lenient, HelloAnswer::Own);
+        let result = member.plane.have_set(&lenient, object).await;
+        assert_eq!(result, Err(PeerError::Admission(AdmissionFailure::BadTag)));
+
+        let rendered = handle.render();
+        assert!(rendered.contains(r#"cachemesh_peer_admission_failures_total{reason="bad_tag"}"#), "{rendered}");
+    }
+
+    #[tokio::test]
+    async fn another_datacenter_is_refused() {
+        // Goal: same cluster key, different DC: refused before anything is served.
+        let member = start(CLUSTER, FakeService::default()).await;
+        let elsewhere = start_with(
+            DataPlaneConfig::new(loopback(), "other-dc".into(), identity(), CLUSTER),
+            FakeService::default(),
+        )
+        .await;
+        let result = elsewhere.plane.have_set(&member.target(), ObjectId::of(b"o")).await;
+        assert_eq!(result, Err(PeerError::Admission(AdmissionFailure::RefusedByPeer)));
+        let result = member.plane.have_set(&elsewhere.target(), ObjectId::of(b"o")).await;
+        assert_eq!(result, Err(PeerError::Admission(AdmissionFailure::RefusedByPeer)));
+        // The client's own check, against a server that lets anyone in.
+        let lenient = LocalHello { dc: "other-dc".into(), identity: identity(), admission_key: CLUSTER };
+        let lenient = start_lenient_server(lenient, HelloAnswer::Own);
+        let result = member.plane.have_set(&lenient, ObjectId::of(b"o")).await;
+        assert_eq!(result, Err(PeerError::Admission(AdmissionFailure::WrongDc)));
+    }
+
+    #[tokio::test]
+    async fn a_reflected_hello_is_refused() {
+        // Goal: a server that echoes the client's own Hello back (valid tag and signature,
+        // but spoken as the client) is refused by the role byte of the transcript.
+        let member = start(CLUSTER, FakeService::default()).await;
+        let reflector = LocalHello { dc: DC.into(), identity: identity(), admission_key: CLUSTER };
+        let mut reflector = start_lenient_server(reflector, HelloAnswer::Echo);
+        reflector.peer_id = member.plane.peer_id();
+        let result = member.plane.have_set(&reflector, ObjectId::of(b"o")).await;
+        assert_eq!(result, Err(PeerError::Admission(AdmissionFailure::BadTag)));
+    }
+
+    enum HelloAnswer {
+        /// A Hello made with the server's own settings.
+        Own,
+        /// The client's Hello, sent back.
+        Echo,
+    }
+
+    /// A hostile server on a raw endpoint: accepts one connection, ignores the client's
+    /// Hello and answers as told, so the client's own checks are what is tested.
+    fn start_lenient_server(local: LocalHello, answer: HelloAnswer) -> PeerTarget {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let endpoint = Endpoint::server(server_config(provider).unwrap(), loopback()).unwrap();
+        let target = PeerTarget { peer_id: local.identity.peer_id(), addr: endpoint.local_addr().unwrap() };
+        tokio::spawn(async move {
+            let connection = endpoint.accept().await.unwrap().await.unwrap();
+            let (mut send, mut recv) = connection.accept_bi().await.unwrap();
+            let (client_hello, _) = read_frame(&mut recv, HELLO_BYTES_MAX, Hello::decode).await.unwrap();
+            let exporter = exporter(&connection).unwrap();
+            let hello = match answer {
+                HelloAnswer::Own => make_hello(&local, Role::Server, &exporter),
+                HelloAnswer::Echo => client_hello,
+            };
+            send.write_all(&hello.encode()).await.unwrap();
+            send.finish().unwrap();
+            connection.closed().await;
+        });
+        target
+    }
+
+    #[tokio::test]
+    async fn a_request_instead_of_a_hello_is_not_served() {
+        // Goal: a peer that skips the Hello and sends a request on the first stream gets its
+        // connection closed, and the service is never asked.
+        let mut service = FakeService::default();
+        service.have.insert(ObjectId::of(b"o"), (1, vec![1]));
+        let member = start(CLUSTER, service).await;
+        let intruder = start(OTHER_CLUSTER, FakeService::default()).await;
+        let connection = intruder.plane.shared.endpoint.connect(member.plane.local_addr(), SERVER_NAME).unwrap();
+        let connection = connection.await.unwrap();
+        let answer = exchange(&connection, Request::HaveSet(ObjectId::of(b"o"))).await;
+        assert!(answer.is_err());
+        let ConnectionError::ApplicationClosed(close) = connection.closed().await else { panic!("not refused") };
+        assert_eq!(close.error_code, CLOSE_ADMISSION_REFUSED);
+        assert_eq!(member.service.calls.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn a_restarted_peer_is_reached_on_a_new_connection() {
+        // Goal: when the cached connection to a peer is gone (the peer restarted, here on
+        // another port with the same identity), the next request connects afresh.
+        let object = ObjectId::of(b"o");
+        let have = || {
+            let mut service = FakeService::default();
+            service.have.insert(object, (1, vec![1]));
+            service
+        };
+        let server_identity = identity();
+        let config = || DataPlaneConfig::new(loopback(), DC.into(), server_identity.clone(), CLUSTER);
+        let first = start_with(config(), have()).await;
+        let client = start(CLUSTER, FakeService::default()).await;
+        assert_eq!(client.plane.have_set(&first.target(), object).await, Ok((1, vec![1])));
+        first.shutdown.cancel();
+        first.plane.stopped().await;
+
+        let second = start_with(config(), have()).await;
+        assert_eq!(second.target().peer_id, first.target().peer_id);
+        assert_eq!(client.plane.have_set(&second.target(), object).await, Ok((1, vec![1])));
+        assert_eq!(client.plane.have_set(&second.target(), object).await, Ok((1, vec![1])));
+        assert_eq!(second.service.calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn wrong_expected_peer_id_is_refused() {
+        // Goal: a member answering in place of the node we meant to reach is refused, even
+        // though it holds the cluster key.
+        let member = start(CLUSTER, FakeService::default()).await;
+        let client = start(CLUSTER, FakeService::default()).await;
+        let impostor = PeerTarget { peer_id: identity().peer_id(), addr: member.plane.local_addr() };
+        let result = client.plane.have_set(&impostor, ObjectId::of(b"o")).await;
+        assert_eq!(result, Err(PeerError::Admission(AdmissionFailure::WrongPeer)));
+    }
+
+    #[tokio::test]
+    async fn corrupt_chunk_from_the_server_is_reported_corrupt() {
+        // Goal: bytes that do not hash to the id asked for never leave the module, whether
+        // from the peer's store or from its home fetch.
+        let id = ChunkId::of(b"the real bytes");
+        let mut service = FakeService::default();
+        service.chunks.insert(id, Bytes::from_static(b"other bytes"));
+        service.origin.insert(id, Ok(Bytes::from_static(b"other bytes")));
+        let server = start(CLUSTER, service).await;
+        let client = start(CLUSTER, FakeService::default()).await;
+        assert_eq!(client.plane.get_chunk(&server.target(), id).await, Err(PeerError::Corrupt { chunk: id }));
+        assert_eq!(client.plane.home_fetch(&server.target(), id).await, Err(PeerError::Corrupt { chunk: id }));
+    }
+
+    #[cfg(feature = "test-faults")]
+    #[tokio::test]
+    async fn corrupt_served_chunks_fault_is_caught_by_the_client() {
+        // Goal: the test fault really corrupts what is served, and the client catches it.
+        let chunk = test_bytes("faulty", 100_000);
+        let id = ChunkId::of(&chunk);
+        let mut service = FakeService::default();
+        service.chunks.insert(id, chunk);
+        let mut config = DataPlaneConfig::new(loopback(), DC.into(), identity(), CLUSTER);
+        config.corrupt_served_chunks = true;
+        let server = start_with(config, service).await;
+        let client = start(CLUSTER, FakeService::default()).await;
+        assert_eq!(client.plane.get_chunk(&server.target(), id).await, Err(PeerError::Corrupt { chunk: id }));
+    }
+
+    #[tokio::test]
+    async fn requests_beyond_the_per_peer_limit_get_busy() {
+        // Goal: with REQUESTS_PER_PEER_MAX requests held in service, the next one from
+        // the same peer is answered Busy at once rather than queued; the held ones complete.
+        let chunk = test_bytes("held", 10_000);
+        let id = ChunkId::of(&chunk);
+        let mut service = FakeService::default();
+        service.chunks.insert(id, chunk.clone());
+        service.gate = Some(Gate { started: Semaphore::new(0), release: Semaphore::new(0) });
+        let server = start(CLUSTER, service).await;
+        let client_identity = identity();
+        let config = DataPlaneConfig::new(loopback(), DC.into(), client_identity.clone(), CLUSTER);
+        let client = start_with(config, FakeService::default()).await;
+        let peer = server.target();
+
+        let mut held = tokio::task::JoinSet::new();
+        for _ in 0..REQUESTS_PER_PEER_MAX {
+            let plane = client.plane.clone();
+            held.spawn(async move { plane.get_chunk(&peer, id).await });
+        }
+        let gate = server.service.gate.as_ref().unwrap();
+        gate.started.acquire_many(REQUESTS_PER_PEER_MAX as u32).await.unwrap().forget();
+
+        assert_eq!(client.plane.get_chunk(&peer, id).await, Err(PeerError::Busy));
+        assert_eq!(client.plane.have_set(&peer, ObjectId::of(b"o")).await, Err(PeerError::Busy));
+        // The limit is per peer, not per connection: a second connection does not get around it.
+        let same_identity = DataPlaneConfig::new(loopback(), DC.into(), client_identity, CLUSTER);
+        let second_client = start_with(same_identity, FakeService::default()).await;
+        assert_eq!(second_client.plane.get_chunk(&peer, id).await, Err(PeerError::Busy));
+
+        gate.release.add_permits(REQUESTS_PER_PEER_MAX);
+        while let Some(result) = held.join_next().await {
+            assert_eq!(result.unwrap(), Ok(chunk.clone()));
+        }
+    }
+
+    #[tokio::test]
+    async fn connections_beyond_the_per_peer_limit_get_busy() {
+        // Goal: one identity cannot hold more than CONNECTIONS_PER_PEER_MAX admitted
+        // connections; the next is refused as Busy during admission.
+        let object = ObjectId::of(b"o");
+        let mut service = FakeService::default();
+        service.have.insert(object, (1, vec![1]));
+        let server = start(CLUSTER, service).await;
+        let shared_identity = identity();
+        let mut clients = Vec::new();
+        for _ in 0..CONNECTIONS_PER_PEER_MAX {
+            let config = DataPlaneConfig::new(loopback(), DC.into(), shared_identity.clone(), CLUSTER);
+            let client = start_with(config, FakeService::default()).await;
+            assert_eq!(client.plane.have_set(&server.target(), object).await, Ok((1, vec![1])));
+            clients.push(client);
+        }
+        let config = DataPlaneConfig::new(loopback(), DC.into(), shared_identity, CLUSTER);
+        let one_too_many = start_with(config, FakeService::default()).await;
+        assert_eq!(one_too_many.plane.have_set(&server.target(), object).await, Err(PeerError::Busy));
+        // Another peer is not affected.
+        let other = start(CLUSTER, FakeService::default()).await;
+        assert_eq!(other.plane.have_set(&server.target(), object).await, Ok((1, vec![1])));
+    }
+
+    #[tokio::test]
+    async fn upload_limit_holds_the_rate_end_to_end() {
+        // Goal: with an upload budget, serving 12 MiB takes at least about what the budget
+        // allows. Only a lower bound on time is checked, with a 2x margin: a slow machine
+        // can only make it pass more easily.
+        const RATE_BYTES_PER_SECOND: u64 = 16 * 1024 * 1024;
+        let mut service = FakeService::default();
+        let mut ids = Vec::new();
+        for seed in ["a", "b", "c"] {
+            let chunk = test_bytes(seed, CHUNK_BYTES_MAX as usize);
+            ids.push(ChunkId::of(&chunk));
+            service.chunks.insert(ChunkId::of(&chunk), chunk);
+        }
+        let mut config = DataPlaneConfig::new(loopback(), DC.into(), identity(), CLUSTER);
+        config.upload_limit_bytes_per_second = Some(RATE_BYTES_PER_SECOND);
+        let server = start_with(config, service).await;
+        let client = start(CLUSTER, FakeService::default()).await;
+
+        let started = std::time::Instant::now();
+        let mut fetches = tokio::task::JoinSet::new();
+        for id in ids {
+            let (plane, peer) = (client.plane.clone(), server.target());
+            fetches.spawn(async move { plane.get_chunk(&peer, id).await });
+        }
+        let mut bytes = 0u64;
+        while let Some(result) = fetches.join_next().await {
+            bytes += result.unwrap().unwrap().len() as u64;
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        let allowed_seconds = (bytes - UPLOAD_BURST_BYTES) as f64 / RATE_BYTES_PER_SECOND as f64;
+        assert!(
+            elapsed >= allowed_seconds / 2.0,
+            "{bytes} bytes in {elapsed:.3} s; budget allows {allowed_seconds:.3} s"
+        );
+    }
+
+    #[test]
+    fn upload_budget_never_exceeds_burst_plus_rate() {
+        // Goal: in virtual time, senders that wait as told never send more than
+        // burst + rate * t, and a lone sender is not held far below the rate.
+        const RATE: u64 = 1_000_000;
+        let start = Instant::now();
+        let mut budget = UploadBudget::new(RATE, UPLOAD_BURST_BYTES, start);
+        let mut now = start;
+        let mut sent = 0u64;
+        for _ in 0..1000 {
+            let wait = budget.reserve(now, UPLOAD_SLICE_BYTES as u64);
+            now += wait;
+            sent += UPLOAD_SLICE_BYTES as u64;
+            let elapsed = (now - start).as_secs_f64();
+            assert!(sent as f64 <= UPLOAD_BURST_BYTES as f64 + RATE as f64 * elapsed + 1.0);
+        }
+        let elapsed = (now - start).as_secs_f64();
+        assert!(sent as f64 >= RATE as f64 * elapsed, "sent {sent} in {elapsed} s");
+
+        // Two reservations at the same instant queue behind each other.
+        let mut budget = UploadBudget::new(RATE, 0, start);
+        let first = budget.reserve(start, 500_000);
+        let second = budget.reserve(start, 500_000);
+        assert_eq!((first, second), (Duration::from_millis(500), Duration::from_secs(1)));
+        assert_eq!(budget.backlog(start + Duration::from_millis(250)), Duration::from_millis(750));
+    }
+
+    #[test]
+    fn hellos_are_bound_to_role_session_and_key() {
+        // Goal: a Hello checks out only in the role, session and cluster it was made for, so
+        // it cannot be reflected, replayed on another connection or forged without the key.
+        let member = LocalHello { dc: DC.into(), identity: identity(), admission_key: CLUSTER };
+        let checker = LocalHello { dc: DC.into(), identity: identity(), admission_key: CLUSTER };
+        let exporter = [3u8; 32];
+        let hello = make_hello(&member, Role::Client, &exporter);
+        assert_eq!(check_hello(&checker, Role::Client, &exporter, &hello), Ok(member.identity.peer_id()));
+        assert_eq!(check_hello(&checker, Role::Server, &exporter, &hello), Err(AdmissionFailure::BadTag));
+        assert_eq!(check_hello(&checker, Role::Client, &[4u8; 32], &hello), Err(AdmissionFailure::BadTag));
+        let outsider = LocalHello { dc: DC.into(), identity: identity(), admission_key: OTHER_CLUSTER };
+        assert_eq!(check_hello(&outsider, Role::Client, &exporter, &hello), Err(AdmissionFailure::BadTag));
+        // A member that lends its tag to another key still fails the signature.
+        let mut stolen = hello.clone();
+        stolen.public_key = checker.identity.public_key();
+        let transcript = Hello::transcript(Role::Client, &exporter, &stolen.public_key, DC);
+        stolen.admission_tag = *blake3::keyed_hash(&CLUSTER, &transcript).as_bytes();
+        assert_eq!(check_hello(&checker, Role::Client, &exporter, &stolen), Err(AdmissionFailure::BadSignature));
+    }
+
+    #[test]
+    fn chunk_ranges_stay_inside_the_chunk() {
+        assert_eq!(chunk_range(100, 0, 0), Some(0..100));
+        assert_eq!(chunk_range(100, 10, 0), Some(10..100));
+        assert_eq!(chunk_range(100, 10, 90), Some(10..100));
+        assert_eq!(chunk_range(100, 10, 91), None);
+        assert_eq!(chunk_range(100, 101, 0), None);
+    }
+}
