@@ -1,0 +1,103 @@
+//! The mesh through real daemons on loopback: chunks move host to host, only admitted
+//! nodes of the same datacenter take part.
+
+use std::path::Path;
+use std::time::Duration;
+
+use cachemesh_tests::support::{POLL_INTERVAL, binary};
+use cachemesh_tests::*;
+
+/// How long a mesh may take to form or to show that it will not.
+const MESH_DEADLINE: Duration = Duration::from_secs(30);
+/// How long an outsider is watched: several membership announcement intervals.
+const OUTSIDER_WATCH: Duration = Duration::from_secs(8);
+
+fn cluster_key(dir: &Path, name: &str) -> String {
+    let path = dir.join(name);
+    let output = std::process::Command::new(binary("cachemesh"))
+        .args(["cluster-key", "new"])
+        .arg(&path)
+        .output()
+        .expect("running cachemesh cluster-key new");
+    assert!(output.status.success(), "cluster-key new failed: {}", String::from_utf8_lossy(&output.stderr));
+    path.display().to_string()
+}
+
+fn mesh_options(origin: &str, key: &str, dc: &str, bootstrap: Option<&str>) -> DaemonOptions {
+    let mut args =
+        vec!["--cluster-key", key, "--dc", dc, "--p2p-listen", "127.0.0.1:0", "--data-listen", "127.0.0.1:0"];
+    if let Some(bootstrap) = bootstrap {
+        args.extend(["--bootstrap", bootstrap]);
+    }
+    DaemonOptions::default().with_origin_url(origin).with_args(&args)
+}
+
+/// `127.0.0.1:PORT` of a running node's p2p listener, from its status.
+async fn p2p_address(daemon: &Daemon) -> String {
+    let status = daemon.status().await;
+    let mesh = status.mesh.expect("a node started with a cluster key reports its mesh");
+    let listen = mesh.p2p_listen.first().expect("a p2p listen address");
+    let port = listen.split('/').nth(4).expect("a /ip4/HOST/tcp/PORT multiaddr");
+    format!("127.0.0.1:{port}")
+}
+
+async fn members(daemon: &Daemon) -> u64 {
+    daemon.status().await.mesh.map_or(0, |mesh| mesh.members)
+}
+
+async fn wait_members(nodes: &[&Daemon], expected: u64) {
+    for node in nodes {
+        poll_until("the mesh to form", MESH_DEADLINE, || async { (members(node).await == expected).then_some(()) })
+            .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_spread_peer_to_peer_and_outsiders_get_nothing() {
+    // Goal: three nodes of one DC form a mesh; an object put on the first is read by the
+    // others from peers (bytes identical, served by source peer/home, the origin serving no
+    // chunk to them); an intruder with another cluster key and a node of another DC, both
+    // bootstrapping from the first node, never become members of anyone; the first node
+    // counts the refused handshakes; the intruder (which shares the origin) can read the
+    // object only from the origin, never from a peer or home node.
+    let seed = test_seed();
+    let shared = tempfile::tempdir().unwrap();
+    let origin = format!("file://{}", shared.path().join("origin").display());
+    let key = cluster_key(shared.path(), "cluster.key");
+    let first = Daemon::start_with(mesh_options(&origin, &key, "dc-a", None)).await;
+    let bootstrap = p2p_address(&first).await;
+    let second = Daemon::start_with(mesh_options(&origin, &key, "dc-a", Some(&bootstrap))).await;
+    let third = Daemon::start_with(mesh_options(&origin, &key, "dc-a", Some(&bootstrap))).await;
+    wait_members(&[&first, &second, &third], 2).await;
+
+    let (id, digest) = put_checked(&first.client(), Pattern::new(seed), 5 * CHUNK + 4321).await;
+    for reader in [&second, &third] {
+        assert_reads_back(&reader.client(), &id, &digest).await;
+        let metrics = reader.metrics().await;
+        let from_mesh = metrics.sum("cachemesh_bytes_served_total", &[("source", "peer")])
+            + metrics.sum("cachemesh_bytes_served_total", &[("source", "home")]);
+        assert_eq!(from_mesh, digest.length() as f64, "bytes not from the mesh\n{}", metrics.text);
+        let origin_chunks = metrics.sum("cachemesh_bytes_served_total", &[("source", "origin")]);
+        assert_eq!(origin_chunks, 0.0, "chunks read from the origin\n{}", metrics.text);
+    }
+
+    let intruder_key = cluster_key(shared.path(), "intruder.key");
+    let intruder = Daemon::start_with(mesh_options(&origin, &intruder_key, "dc-a", Some(&bootstrap))).await;
+    let other_dc = Daemon::start_with(mesh_options(&origin, &key, "dc-b", Some(&bootstrap))).await;
+    let watch_until = tokio::time::Instant::now() + OUTSIDER_WATCH;
+    while tokio::time::Instant::now() < watch_until {
+        for (name, node) in [("first", &first), ("second", &second), ("third", &third)] {
+            assert_eq!(members(node).await, 2, "{name} counts an outsider among its members");
+        }
+        assert_eq!(members(&intruder).await, 0, "the intruder joined a mesh");
+        assert_eq!(members(&other_dc).await, 0, "the dc-b node joined dc-a's mesh");
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+    let refused = first.metrics().await.sum("cachemesh_p2p_inbound_connections_failed_total", &[]);
+    assert!(refused >= 1.0, "the first node saw no refused handshake from the outsiders");
+    assert_reads_back(&intruder.client(), &id, &digest).await;
+    let metrics = intruder.metrics().await;
+    let from_mesh = metrics.sum("cachemesh_bytes_served_total", &[("source", "peer")])
+        + metrics.sum("cachemesh_bytes_served_total", &[("source", "home")]);
+    assert_eq!(from_mesh, 0.0, "the intruder got bytes through the mesh\n{}", metrics.text);
+}
