@@ -23,7 +23,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use cachemesh_proto::ObjectId;
 use cachemesh_proto::api::{ErrorBody, ErrorCode, StatusResponse};
-use cachemesh_proto::limits::API_HEADER_BYTES_MAX;
+use cachemesh_proto::limits::{API_HEADER_BYTES_MAX, API_SOCKET_BUFFER_BYTES};
 use cachemesh_proto::range::{ByteRangeSpec, RangeError};
 use futures::StreamExt;
 use hyper_util::rt::TokioIo;
@@ -352,6 +352,10 @@ pub async fn serve(listener: UnixListener, router: Router, shutdown: Cancellatio
                 continue;
             }
         };
+        // Larger socket buffers let a 4 MiB chunk cross in fewer wake-ups of both sides.
+        let socket = socket2::SockRef::from(&stream);
+        let _ = socket.set_send_buffer_size(API_SOCKET_BUFFER_BYTES);
+        let _ = socket.set_recv_buffer_size(API_SOCKET_BUFFER_BYTES);
         let service = TowerToHyperService::new(router.clone());
         let connection = http.serve_connection(TokioIo::new(stream), service);
         let shutdown = shutdown.clone();

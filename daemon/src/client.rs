@@ -10,11 +10,15 @@ use std::path::{Path, PathBuf};
 use bytes::Bytes;
 use cachemesh_proto::ObjectId;
 use cachemesh_proto::api::{ErrorBody, ErrorCode, PutObjectResponse, StatusResponse};
+use cachemesh_proto::limits::API_SOCKET_BUFFER_BYTES;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Incoming};
 use hyper_util::rt::TokioIo;
 use tokio::net::UnixStream;
+
+/// Most bytes the client's HTTP layer reads at once.
+pub const CLIENT_READ_BUFFER_BYTES: usize = 4 * 1024 * 1024;
 
 /// What went wrong talking to the daemon.
 #[derive(Debug, thiserror::Error)]
@@ -80,7 +84,14 @@ impl Client {
         let stream = UnixStream::connect(&self.socket)
             .await
             .map_err(|source| ClientError::Connect { socket: self.socket.clone(), source })?;
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        let socket = socket2::SockRef::from(&stream);
+        let _ = socket.set_send_buffer_size(API_SOCKET_BUFFER_BYTES);
+        let _ = socket.set_recv_buffer_size(API_SOCKET_BUFFER_BYTES);
+        let (mut sender, connection) = hyper::client::conn::http1::Builder::new()
+            // Read bodies in large pieces: the default adaptive buffer starts at 8 KiB.
+            .max_buf_size(CLIENT_READ_BUFFER_BYTES)
+            .handshake(TokioIo::new(stream))
+            .await?;
         tokio::spawn(async move {
             // The connection ends when the response body is dropped; its error, if any, has
             // already reached the caller through the response.

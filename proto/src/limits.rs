@@ -24,8 +24,14 @@ pub const MANIFEST_HEADER_BYTES: usize = 24;
 /// Largest encoded manifest: the header plus [`OBJECT_CHUNKS_MAX`] ids.
 pub const MANIFEST_BYTES_MAX: usize = MANIFEST_HEADER_BYTES + OBJECT_CHUNKS_MAX as usize * ID_BYTES;
 
-/// Largest request head (request line plus headers) the local API reads.
-pub const API_HEADER_BYTES_MAX: usize = 16 * 1024;
+/// Largest request head (request line plus headers) the local API reads. It is also the
+/// HTTP layer's read buffer, so it bounds how much of a streamed body one read takes:
+/// 16 KiB made 1 GiB puts cost 65,536 reads.
+pub const API_HEADER_BYTES_MAX: usize = 256 * 1024;
+
+/// Socket buffer asked for on API connections, both ways (the kernel caps it at
+/// `net.core.wmem_max` / `rmem_max`).
+pub const API_SOCKET_BUFFER_BYTES: usize = 4 * 1024 * 1024;
 
 /// Longest `Range` header value the API parses.
 pub const RANGE_HEADER_BYTES_MAX: usize = 256;

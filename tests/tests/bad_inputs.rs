@@ -118,7 +118,7 @@ async fn malformed_range_headers_are_bad_range() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_request_head_is_refused_with_431_and_the_daemon_keeps_serving() {
-    // Goal: a request head over API_HEADER_BYTES_MAX (16 KiB) answers 431 and the daemon
+    // Goal: a request head over API_HEADER_BYTES_MAX answers 431 and the daemon
     // keeps answering; a head well under the limit is served normally.
     let mut daemon = Daemon::start().await;
     for header_bytes in [API_HEADER_BYTES_MAX + 1024, 4 * API_HEADER_BYTES_MAX] {
