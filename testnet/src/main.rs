@@ -1,0 +1,298 @@
+//! `cachemesh-testnet`: multi-node trials of real `cachemeshd` processes on loopback.
+//!
+//! One run starts a real S3-compatible origin (moto) behind counting proxies, N daemons
+//! meshed through a fresh cluster key, plays one scenario against them through their API
+//! sockets, and reports per node (time, bytes by source, origin egress counted at the
+//! origin) with pass/fail checks, as a table on stdout and `report.json`/`report.md`.
+//!
+//! What it deliberately does not do: reach into the daemon's modules (everything goes
+//! through the daemon's binaries, socket API and metrics; only the API client and the
+//! API's types are shared), or retry anything on the daemon's behalf.
+//!
+//! Invariants: every child process and the temporary root are gone when the testnet exits,
+//! whether the trial ended, failed, or was interrupted (SIGINT, SIGTERM, SIGHUP); every
+//! wait is a poll or an event with a deadline; the seed and the command that repeats the
+//! trial are printed first and written into the report.
+//!
+//! Exit status: 0 when every check passed, 1 when a check failed, 2 when the trial could
+//! not be set up or run to its end (bad arguments, missing binaries or moto, a node that
+//! would not start or mesh), 130/143/129 when interrupted by SIGINT/SIGTERM/SIGHUP.
+
+mod data;
+mod metrics;
+mod node;
+mod origin;
+mod processes;
+mod proxy;
+mod report;
+mod scenario;
+mod testbed;
+mod transfer;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use cachemesh_daemon::config::ByteSize;
+use clap::{Args, Parser, Subcommand};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+
+use crate::node::Binaries;
+use crate::processes::Processes;
+use crate::scenario::{Params, Scenario};
+
+/// How long the children may take to be gone once killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Runs multi-node trials of real cachemeshd processes on loopback and reports on them.
+///
+/// Each run starts an S3-compatible origin (moto, which must be installed: pip install
+/// 'moto[s3]' flask flask-cors boto3) on a free loopback port behind a counting HTTP proxy
+/// per node (so origin egress is counted at the origin), creates a cluster key with
+/// `cachemesh cluster-key new`, starts N cachemeshd nodes meshed on 127.0.0.1, runs one
+/// scenario through their API sockets, prints a table (node, dc, seconds, bytes by
+/// source, MB/s) with the origin egress ratio and the checks, and writes report.json and
+/// report.md. Every process and temporary directory is removed at the end and on Ctrl-C.
+///
+/// Exit status: 0 all checks passed, 1 a check failed, 2 the trial could not be set up or
+/// finished, 130/143/129 interrupted by SIGINT/SIGTERM/SIGHUP.
+#[derive(Debug, Parser)]
+#[command(name = "cachemesh-testnet", version, after_help = scenario::help_text())]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run one scenario with N nodes and write its report into --out.
+    #[command(after_help = scenario::help_text())]
+    Run(RunArgs),
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// The scenario to run (each is explained below).
+    #[arg(value_enum, value_name = "SCENARIO")]
+    scenario: Scenario,
+    /// How many cachemeshd nodes to start, each with its own data dir, API socket, p2p and
+    /// data-plane ports on 127.0.0.1 and a 4GiB cache budget.
+    #[arg(long, value_name = "N")]
+    nodes: usize,
+    /// Size of the object node 0 puts and the others read, e.g. 24MiB, 1GiB or 1000000.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    object_size: u64,
+    /// Output directory (created when missing): report.json, report.md, logs/ (every
+    /// node's and moto's log) and metrics/ (every node's /metrics at the end).
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Seed of the object's bytes and of the testnet's own choices (which node is killed or
+    /// faulty). Random when not given; printed either way, so a run can be repeated.
+    #[arg(long, value_name = "N")]
+    seed: Option<u64>,
+    /// Upload budget for serving peers, per node per second (e.g. 200MiB or 1GB/s); passed
+    /// to every node as --upload-limit. Unlimited when not given.
+    #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+    upload_limit: Option<String>,
+    /// Keep the temporary root (nodes' data dirs, sockets, logs, the cluster key) instead
+    /// of removing it at the end; its path is printed.
+    #[arg(long)]
+    keep: bool,
+    /// Directory holding the cachemeshd and cachemesh binaries. Default: the directory of
+    /// this executable (target/<profile>/, where cargo builds all three).
+    #[arg(long, value_name = "DIR")]
+    bin_dir: Option<PathBuf>,
+    /// How long the put, and each phase of reads, may take before it counts as failed.
+    #[arg(long, value_name = "SECONDS", default_value_t = 600)]
+    timeout: u64,
+}
+
+fn parse_size(text: &str) -> Result<u64, String> {
+    let size: ByteSize = text.parse()?;
+    if size.0 == 0 {
+        return Err("the object size must be above zero".into());
+    }
+    Ok(size.0)
+}
+
+fn parse_rate(text: &str) -> Result<String, String> {
+    let size: ByteSize = text.trim().strip_suffix("/s").unwrap_or(text.trim()).parse()?;
+    if size.0 == 0 {
+        return Err("an upload limit must be above zero".into());
+    }
+    Ok(text.trim().to_string())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let Command::Run(args) = cli.command;
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("testnet").build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("cachemesh-testnet: cannot start the async runtime: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    // The trial runs on this (the main) thread: children spawned from here die with the
+    // testnet even if it is SIGKILLed (see `processes::die_with_parent`).
+    match runtime.block_on(run(args)) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("cachemesh-testnet: {error:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn binaries(bin_dir: &Path) -> anyhow::Result<Binaries> {
+    let find = |name: &str| {
+        let path = bin_dir.join(name);
+        if path.is_file() {
+            Ok(path)
+        } else {
+            bail!(
+                "{} is missing: build it (`cargo build --workspace`, or `cargo build -p cachemesh-daemon` for the \
+                 same profile) or pass --bin-dir",
+                path.display()
+            )
+        }
+    };
+    Ok(Binaries { daemon: find("cachemeshd")?, cli: find("cachemesh")? })
+}
+
+fn repeat_command(args: &RunArgs, seed: u64) -> String {
+    let mut line = format!(
+        "cachemesh-testnet run {} --nodes {} --object-size {} --out {} --seed {seed} --timeout {}",
+        args.scenario.name(),
+        args.nodes,
+        args.object_size,
+        args.out.display(),
+        args.timeout
+    );
+    if let Some(rate) = &args.upload_limit {
+        line.push_str(&format!(" --upload-limit {rate}"));
+    }
+    if let Some(dir) = &args.bin_dir {
+        line.push_str(&format!(" --bin-dir {}", dir.display()));
+    }
+    line
+}
+
+/// The first of SIGINT, SIGTERM, SIGHUP; returns the exit code it calls for.
+async fn interrupted() -> anyhow::Result<u8> {
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut hangup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
+    Ok(tokio::select! {
+        _ = interrupt.recv() => 130,
+        _ = terminate.recv() => 143,
+        _ = hangup.recv() => 129,
+    })
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    if args.nodes < args.scenario.min_nodes() {
+        bail!("{} needs at least {} nodes (--nodes {})", args.scenario.name(), args.scenario.min_nodes(), args.nodes);
+    }
+    let bin_dir = match &args.bin_dir {
+        Some(dir) => dir.clone(),
+        None => std::env::current_exe()
+            .context("cannot find this executable's path")?
+            .parent()
+            .map(Path::to_path_buf)
+            .context("this executable has no parent directory")?,
+    };
+    let binaries = binaries(&bin_dir)?;
+    std::fs::create_dir_all(&args.out).with_context(|| format!("cannot create {}", args.out.display()))?;
+    let seed = args.seed.unwrap_or_else(rand::random);
+    let repeat = repeat_command(&args, seed);
+    eprintln!(
+        "cachemesh-testnet: scenario {}, {} nodes, object {} bytes, seed {seed}, upload limit {}, binaries from {}",
+        args.scenario.name(),
+        args.nodes,
+        args.object_size,
+        args.upload_limit.as_deref().unwrap_or("none"),
+        bin_dir.display()
+    );
+    eprintln!("cachemesh-testnet: repeat with: {repeat}");
+    let root =
+        tempfile::Builder::new().prefix("cachemesh-testnet-").tempdir().context("cannot create a temporary root")?;
+    let params = Params {
+        scenario: args.scenario,
+        nodes: args.nodes,
+        object_size: args.object_size,
+        seed,
+        upload_limit: args.upload_limit.clone(),
+        timeout: Duration::from_secs(args.timeout),
+        binaries,
+        bin_dir,
+        out: args.out.clone(),
+        repeat,
+    };
+    let processes = Processes::new();
+    let shutdown = CancellationToken::new();
+    // Registered before the trial starts, so that no signal is missed.
+    let signals = interrupted();
+    let outcome = tokio::select! {
+        report = scenario::run(&params, &processes, root.path(), shutdown.clone()) => Ok(report),
+        signal = signals => Err(signal),
+    };
+    shutdown.cancel();
+    let stuck = processes.kill_all(STOP_TIMEOUT).await;
+    if !stuck.is_empty() {
+        eprintln!("cachemesh-testnet: these children did not exit after SIGKILL: {}", stuck.join(", "));
+    }
+    copy_logs(root.path(), &args.out.join("logs"));
+    if args.keep {
+        let kept = root.keep();
+        eprintln!("cachemesh-testnet: kept the temporary root {}", kept.display());
+    } else if let Err(error) = root.close() {
+        eprintln!("cachemesh-testnet: cannot remove the temporary root: {error}");
+    }
+    match outcome {
+        Ok(report) => {
+            print!("{}", report.text());
+            report.write(&args.out).with_context(|| format!("cannot write the report into {}", args.out.display()))?;
+            eprintln!("cachemesh-testnet: wrote {}/report.json and report.md", args.out.display());
+            Ok(if report.error.is_some() {
+                ExitCode::from(2)
+            } else if report.passed {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Err(Ok(code)) => {
+            eprintln!("cachemesh-testnet: interrupted; every child stopped and the temporary root removed");
+            Ok(ExitCode::from(code))
+        }
+        Err(Err(error)) => Err(error),
+    }
+}
+
+/// Copies every node's log and moto's log into `dir` (best effort: a missing log is noted).
+fn copy_logs(root: &Path, dir: &Path) {
+    if let Err(error) = std::fs::create_dir_all(dir) {
+        eprintln!("cachemesh-testnet: cannot create {}: {error}", dir.display());
+        return;
+    }
+    let mut copies = vec![(root.join("moto.log"), dir.join("moto.log"))];
+    if let Ok(entries) = std::fs::read_dir(root) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with("node-") {
+                copies.push((entry.path().join("cachemeshd.log"), dir.join(format!("{name}.log"))));
+                copies.push((entry.path().join("command-line"), dir.join(format!("{name}.command-line"))));
+            }
+        }
+    }
+    for (from, to) in copies {
+        if from.exists()
+            && let Err(error) = std::fs::copy(&from, &to)
+        {
+            eprintln!("cachemesh-testnet: cannot copy {} to {}: {error}", from.display(), to.display());
+        }
+    }
+}

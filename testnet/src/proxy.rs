@@ -1,0 +1,222 @@
+//! A counting HTTP reverse proxy in front of the S3 server: origin egress measured at the origin.
+//!
+//! Every request is forwarded unchanged (method, path, query, headers, body) to the
+//! upstream server over a fresh TCP connection, and the answer comes back unchanged. On the
+//! way it counts requests, and the response body bytes of `GET` requests whose path
+//! contains `/chunks/` (the origin's chunk keys): what the origin sent out in chunks.
+//!
+//! Each node gets its own listener with its own [`ProxyCounters`], so the report can say
+//! which node (and so which DC) pulled bytes from the origin without trusting the node's
+//! own accounting.
+//!
+//! Non-goals: connection reuse towards the upstream, and changing anything in flight.
+//! Invariant: a counted byte is a byte that was read from the upstream's answer.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use http_body_util::combinators::BoxBody;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+/// The path part that marks a chunk key of the origin's layout (`PREFIX/chunks/<id>`).
+const CHUNK_PATH_MARKER: &str = "/chunks/";
+
+/// What one listener saw.
+#[derive(Debug, Default)]
+pub struct ProxyCounters {
+    requests: AtomicU64,
+    chunk_gets: AtomicU64,
+    chunk_get_bytes: AtomicU64,
+    puts: AtomicU64,
+    upstream_errors: AtomicU64,
+}
+
+/// A reading of [`ProxyCounters`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct ProxyFigures {
+    /// Requests of any kind.
+    pub requests: u64,
+    /// `GET` requests of chunk keys.
+    pub chunk_gets: u64,
+    /// Response body bytes of those requests: the origin's chunk egress.
+    pub chunk_get_bytes: u64,
+    /// `PUT` requests.
+    pub puts: u64,
+    /// Requests the upstream could not answer (answered 502 by the proxy).
+    pub upstream_errors: u64,
+}
+
+impl ProxyFigures {
+    /// Adds another reading.
+    pub fn add(&mut self, other: ProxyFigures) {
+        self.requests += other.requests;
+        self.chunk_gets += other.chunk_gets;
+        self.chunk_get_bytes += other.chunk_get_bytes;
+        self.puts += other.puts;
+        self.upstream_errors += other.upstream_errors;
+    }
+}
+
+impl ProxyCounters {
+    /// The counts so far.
+    pub fn read(&self) -> ProxyFigures {
+        ProxyFigures {
+            requests: self.requests.load(Ordering::Relaxed),
+            chunk_gets: self.chunk_gets.load(Ordering::Relaxed),
+            chunk_get_bytes: self.chunk_get_bytes.load(Ordering::Relaxed),
+            puts: self.puts.load(Ordering::Relaxed),
+            upstream_errors: self.upstream_errors.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A listening proxy.
+#[derive(Debug)]
+pub struct Proxy {
+    address: SocketAddr,
+    counters: Arc<ProxyCounters>,
+}
+
+impl Proxy {
+    /// Binds a loopback port and serves until `shutdown`, forwarding to `upstream`.
+    pub async fn start(upstream: SocketAddr, shutdown: CancellationToken) -> std::io::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let address = listener.local_addr()?;
+        let counters = Arc::new(ProxyCounters::default());
+        tokio::spawn(accept_loop(listener, upstream, counters.clone(), shutdown));
+        Ok(Self { address, counters })
+    }
+
+    /// The endpoint URL to give a client.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.address)
+    }
+
+    /// The counts so far.
+    pub fn figures(&self) -> ProxyFigures {
+        self.counters.read()
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    upstream: SocketAddr,
+    counters: Arc<ProxyCounters>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let stream = tokio::select! {
+            () = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                // Out of descriptors or a reset before accept: the client retries.
+                Err(_) => continue,
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let counters = counters.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request| forward(request, upstream, counters.clone()));
+            let connection = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+            tokio::select! {
+                () = shutdown.cancelled() => {}
+                // A client that hangs up mid-answer is its own business.
+                _ = connection => {}
+            }
+        });
+    }
+}
+
+type ProxyBody = BoxBody<Bytes, hyper::Error>;
+
+async fn forward(
+    request: Request<Incoming>,
+    upstream: SocketAddr,
+    counters: Arc<ProxyCounters>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    counters.requests.fetch_add(1, Ordering::Relaxed);
+    let is_chunk_get = request.method() == Method::GET && request.uri().path().contains(CHUNK_PATH_MARKER);
+    if is_chunk_get {
+        counters.chunk_gets.fetch_add(1, Ordering::Relaxed);
+    }
+    if request.method() == Method::PUT {
+        counters.puts.fetch_add(1, Ordering::Relaxed);
+    }
+    match send_upstream(request, upstream).await {
+        Ok(response) => {
+            let (parts, body) = response.into_parts();
+            let counter = is_chunk_get.then(|| counters.clone());
+            Ok(Response::from_parts(parts, CountingBody { inner: body, counters: counter }.boxed()))
+        }
+        Err(error) => {
+            counters.upstream_errors.fetch_add(1, Ordering::Relaxed);
+            let body = http_body_util::Full::new(Bytes::from(format!("testnet proxy: upstream failed: {error}\n")))
+                .map_err(|never| match never {})
+                .boxed();
+            let mut response = Response::new(body);
+            *response.status_mut() = StatusCode::BAD_GATEWAY;
+            Ok(response)
+        }
+    }
+}
+
+/// Why a request could not be forwarded.
+#[derive(Debug, thiserror::Error)]
+enum UpstreamError {
+    #[error("cannot connect to {address}: {source}")]
+    Connect { address: SocketAddr, source: std::io::Error },
+    #[error("HTTP exchange with {address} failed: {source}")]
+    Http { address: SocketAddr, source: hyper::Error },
+}
+
+async fn send_upstream(request: Request<Incoming>, address: SocketAddr) -> Result<Response<Incoming>, UpstreamError> {
+    let stream = TcpStream::connect(address).await.map_err(|source| UpstreamError::Connect { address, source })?;
+    let _ = stream.set_nodelay(true);
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|source| UpstreamError::Http { address, source })?;
+    // The connection task ends when the answer's body has been read (or dropped).
+    tokio::spawn(connection);
+    sender.send_request(request).await.map_err(|source| UpstreamError::Http { address, source })
+}
+
+/// A response body that adds its data bytes to a counter as they pass.
+struct CountingBody {
+    inner: Incoming,
+    counters: Option<Arc<ProxyCounters>>,
+}
+
+impl Body for CountingBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let (Poll::Ready(Some(Ok(frame))), Some(counters)) = (&polled, &self.counters)
+            && let Some(data) = frame.data_ref()
+        {
+            counters.chunk_get_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

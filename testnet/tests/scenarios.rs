@@ -1,0 +1,239 @@
+//! The testnet's scenarios, small: N=4 nodes and a 24 MiB object, through the built binary.
+//!
+//! Each test runs `cachemesh-testnet run SCENARIO` as a user would (real cachemeshd
+//! processes from the same target directory, moto as the origin) and checks its exit
+//! status and `report.json`. A failing test prints the testnet's output, its report and
+//! where the nodes' logs were copied. The seed comes from `CACHEMESH_TEST_SEED` when set,
+//! is random otherwise, and is printed.
+
+// Test code: a failed unwrap is a failed test with its message (see clippy.toml).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const NODES: &str = "4";
+const OBJECT_SIZE: &str = "24MiB";
+/// Seconds the testnet may spend on the put and on each phase of reads.
+const PHASE_TIMEOUT_SECONDS: &str = "120";
+/// How long a cleanup after SIGINT may take.
+const CLEANUP_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn testnet() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_cachemesh-testnet"));
+    for (key, _) in std::env::vars_os() {
+        if key.to_str().is_some_and(|key| key.starts_with("AWS_") || key.starts_with("CACHEMESH_")) {
+            command.env_remove(key);
+        }
+    }
+    command
+}
+
+fn seed() -> u64 {
+    let seed = match std::env::var("CACHEMESH_TEST_SEED") {
+        Ok(text) => text.parse().expect("CACHEMESH_TEST_SEED must be a u64"),
+        Err(_) => rand::random(),
+    };
+    eprintln!("seed = {seed} (repeat with CACHEMESH_TEST_SEED={seed})");
+    seed
+}
+
+fn run_scenario(scenario: &str) -> (Output, serde_json::Value, tempfile::TempDir) {
+    let out = tempfile::Builder::new().prefix("cachemesh-testnet-out-").tempdir().unwrap();
+    let seed = seed().to_string();
+    let args = [
+        "run",
+        scenario,
+        "--nodes",
+        NODES,
+        "--object-size",
+        OBJECT_SIZE,
+        "--out",
+        out.path().to_str().unwrap(),
+        "--seed",
+        &seed,
+        "--timeout",
+        PHASE_TIMEOUT_SECONDS,
+    ];
+    let output = testnet().args(args).stdin(Stdio::null()).output().unwrap();
+    let report = std::fs::read_to_string(out.path().join("report.json"))
+        .ok()
+        .and_then(|text| serde_json::from_str(&text).ok())
+        .unwrap_or(serde_json::Value::Null);
+    (output, report, out)
+}
+
+fn explain(output: &Output, out: &Path) -> String {
+    let markdown =
+        std::fs::read_to_string(out.join("report.md")).unwrap_or_else(|error| format!("(no report.md: {error})"));
+    format!(
+        "exit {}\n--- stdout ---\n{}\n--- stderr ---\n{}\n--- report.md ---\n{markdown}\n(node logs were in {}/logs)",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+        out.display()
+    )
+}
+
+/// Runs the scenario and asserts that it passed, every check by name included.
+fn assert_scenario_passes(scenario: &str, expected_checks: &[&str]) -> serde_json::Value {
+    let (output, report, out) = run_scenario(scenario);
+    let out = out.keep();
+    let explanation = explain(&output, &out);
+    assert!(output.status.success(), "{scenario} failed:\n{explanation}");
+    assert_eq!(report["passed"], true, "{scenario}: report says not passed:\n{explanation}");
+    let checks = report["checks"].as_array().unwrap();
+    for name in expected_checks {
+        let check = checks.iter().find(|check| check["name"] == *name);
+        let check = check.unwrap_or_else(|| panic!("{scenario}: no check {name}:\n{explanation}"));
+        assert_eq!(check["passed"], true, "{scenario}: {name}:\n{explanation}");
+    }
+    assert_eq!(report["rows"].as_array().unwrap().len(), 4, "one row per node");
+    assert!(out.join("report.md").is_file());
+    std::fs::remove_dir_all(&out).unwrap();
+    report
+}
+
+#[test]
+fn cold_start_every_node_gets_the_object_and_the_origin_sends_one_copy() {
+    // Goal: four nodes reading a fresh object at once all get its exact bytes, and the
+    // origin's chunk egress stays within one copy.
+    let report = assert_scenario_passes("cold-start", &["identical_bytes", "origin_egress_one_copy"]);
+    assert!(report["origin"]["egress_ratio"].as_f64().unwrap() <= 1.02);
+}
+
+#[test]
+fn peer_killed_survivors_complete_with_identical_bytes() {
+    // Goal: a node SIGKILLed mid-transfer does not stop the survivors' reads or corrupt them.
+    assert_scenario_passes("peer-killed", &["killed_while_in_flight", "survivors_identical_bytes"]);
+}
+
+#[test]
+fn corrupt_peer_no_bad_byte_reaches_a_client() {
+    // Goal: a peer serving corrupt chunks is caught by verification and no client sees its bytes.
+    assert_scenario_passes("corrupt-peer", &["no_bad_bytes_reached_a_client", "fault_exercised"]);
+}
+
+#[test]
+fn two_dcs_stay_apart_and_each_pulls_one_copy() {
+    // Goal: two DCs sharing a cluster key and an origin never peer, and each pulls about one copy.
+    assert_scenario_passes(
+        "two-dcs",
+        &[
+            "identical_bytes",
+            "no_dc_b_peer_in_dc_a",
+            "no_dc_a_peer_in_dc_b",
+            "members_only_within_dc",
+            "no_cross_dc_data_plane_bytes",
+            "origin_egress_dc_a_one_copy",
+            "origin_egress_dc_b_one_copy",
+            "origin_egress_total_two_copies",
+        ],
+    );
+}
+
+#[test]
+fn help_lists_every_scenario_and_parameter() {
+    // Goal: `--help` and `run --help` explain every scenario and every parameter.
+    for args in [&["--help"][..], &["run", "--help"][..]] {
+        let output = testnet().args(args).output().unwrap();
+        assert!(output.status.success(), "{args:?}");
+        let text = String::from_utf8(output.stdout).unwrap();
+        for word in ["cold-start", "peer-killed", "corrupt-peer", "two-dcs", "Checks:"] {
+            assert!(text.contains(word), "{args:?} does not mention {word}:\n{text}");
+        }
+        if args[0] == "run" {
+            for flag in
+                ["--nodes", "--object-size", "--out", "--seed", "--upload-limit", "--keep", "--bin-dir", "--timeout"]
+            {
+                assert!(text.contains(flag), "run --help does not mention {flag}:\n{text}");
+            }
+        }
+    }
+}
+
+/// Processes whose command line mentions `needle`.
+fn processes_mentioning(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(needle) {
+            found.push(format!("{}: {cmdline}", entry.file_name().to_string_lossy()));
+        }
+    }
+    found
+}
+
+/// Process ids whose parent is `parent`.
+fn children_of(parent: u32) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        // `pid (comm) state ppid ...`; comm may hold spaces, so split after the last ')'.
+        let ppid = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
+        if ppid == Some(parent) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+#[test]
+fn interrupt_stops_every_child_and_removes_the_temporary_root() {
+    // Goal: Ctrl-C (SIGINT) while the nodes run leaves no child process and no temporary
+    // directory behind, and exits 130.
+    let out = tempfile::tempdir().unwrap();
+    let mut child = testnet()
+        .args(["run", "cold-start", "--nodes", "2", "--object-size", "4MiB", "--out"])
+        .arg(out.path())
+        .args(["--seed", &seed().to_string(), "--timeout", PHASE_TIMEOUT_SECONDS])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut root: Option<PathBuf> = None;
+    let mut seen = String::new();
+    let mut line = String::new();
+    // The testnet prints its temporary root when it starts the origin, and a line when the
+    // mesh has formed: interrupt it then, with every child running.
+    while stderr.read_line(&mut line).unwrap() > 0 {
+        seen.push_str(&line);
+        if let Some(rest) = line.trim().strip_prefix("testnet: starting moto and 2 nodes in ") {
+            root = Some(PathBuf::from(rest));
+        }
+        if line.contains("mesh formed") {
+            break;
+        }
+        line.clear();
+    }
+    let root = root.unwrap_or_else(|| panic!("the testnet never printed its root:\n{seen}"));
+    assert!(seen.contains("mesh formed"), "the mesh never formed:\n{seen}");
+    let root_text = root.display().to_string();
+    assert!(!processes_mentioning(&root_text).is_empty(), "no node runs under {root_text}");
+    let children = children_of(child.id());
+    assert!(children.len() >= 3, "moto and two nodes should be running: {children:?}");
+    let status = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + CLEANUP_TIMEOUT;
+    let exit = loop {
+        if let Some(exit) = child.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(Instant::now() < deadline, "the testnet did not exit within {CLEANUP_TIMEOUT:?} of SIGINT");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut rest = String::new();
+    let _ = std::io::Read::read_to_string(&mut stderr, &mut rest);
+    assert_eq!(exit.code(), Some(130), "exit after SIGINT:\n{seen}{rest}");
+    assert!(!root.exists(), "{} is still there", root.display());
+    let left = processes_mentioning(&root_text);
+    assert!(left.is_empty(), "processes left behind: {left:?}");
+    let alive: Vec<u32> = children.into_iter().filter(|pid| Path::new(&format!("/proc/{pid}")).exists()).collect();
+    assert!(alive.is_empty(), "children of the testnet still alive: {alive:?}");
+}
