@@ -45,6 +45,10 @@ pub const HOLDER_ATTEMPTS_MAX: usize = 3;
 pub const HOME_CANDIDATES_MAX: usize = 3;
 /// How long a peer that sent corrupt bytes is avoided.
 pub const PEER_PENALTY: Duration = Duration::from_secs(60);
+/// How long a peer that could not be reached (connect failure, timeout) is skipped.
+pub const PEER_UNREACHABLE_BACKOFF: Duration = Duration::from_secs(10);
+/// Longest wait for holders' have-sets before choosing among those that answered.
+pub const HAVE_SET_WAIT: Duration = Duration::from_millis(500);
 /// How often provided objects are checked for withdrawal.
 pub const PROVIDE_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -328,6 +332,9 @@ impl Mesh {
             }
             Err(error) => {
                 tracing::debug!(peer = %peer.peer_id, %error, "have-set request failed");
+                if matches!(error, PeerError::Connect(_) | PeerError::Timeout) {
+                    self.avoid(&peer.peer_id, PEER_UNREACHABLE_BACKOFF);
+                }
                 None
             }
         }
@@ -340,9 +347,25 @@ impl Mesh {
         if providers.is_empty() {
             return None;
         }
-        let targets: Vec<PeerTarget> = providers.into_iter().filter_map(|peer| self.member_target(peer)).collect();
-        let have_sets = futures::future::join_all(targets.iter().map(|target| self.have_set(target, object))).await;
         let now = Instant::now();
+        // Only live members that are not being avoided: a killed holder stays in provider
+        // records until they expire, and must not hold up the fetch.
+        let targets: Vec<PeerTarget> = providers
+            .into_iter()
+            .filter_map(|peer| self.member_target(peer))
+            .filter(|target| !self.avoided(&target.peer_id, now))
+            .collect();
+        let have_sets = futures::future::join_all(targets.iter().map(|target| async move {
+            match tokio::time::timeout(HAVE_SET_WAIT, self.have_set(target, object)).await {
+                Ok(bitmap) => bitmap,
+                Err(_) => {
+                    // Too slow to answer a tiny request: busy or gone. Others serve meanwhile.
+                    self.avoid(&target.peer_id, PEER_UNREACHABLE_BACKOFF);
+                    None
+                }
+            }
+        }))
+        .await;
         let mut candidates: Vec<(usize, PeerTarget)> = {
             let load = self.lock_load();
             targets
@@ -367,7 +390,22 @@ impl Mesh {
 
     /// The chunk from its home node `peer` (which fetches it from the origin if needed).
     pub async fn fetch_from_home(&self, peer: &PeerTarget, chunk: ChunkId) -> Option<Bytes> {
+        if self.avoided(&peer.peer_id, Instant::now()) {
+            return None;
+        }
         self.request(peer, chunk, true).await
+    }
+
+    fn avoid(&self, peer: &PeerId, duration: Duration) {
+        let until = Instant::now() + duration;
+        let mut load = self.lock_load();
+        let state = load.entry(*peer).or_default();
+        state.penalised_until = Some(state.penalised_until.map_or(until, |current| current.max(until)));
+    }
+
+    /// Whether `peer` is being avoided (corrupt bytes, or unreachable) at `now`.
+    fn avoided(&self, peer: &PeerId, now: Instant) -> bool {
+        self.lock_load().get(peer).and_then(|state| state.penalised_until).is_some_and(|until| until > now)
     }
 
     async fn request(&self, peer: &PeerTarget, chunk: ChunkId, home: bool) -> Option<Bytes> {
@@ -391,6 +429,10 @@ impl Mesh {
             }
             Err(error) => {
                 tracing::debug!(peer = %peer.peer_id, chunk = %chunk, home, %error, "peer request failed");
+                if matches!(error, PeerError::Connect(_) | PeerError::Timeout) {
+                    let until = Instant::now() + PEER_UNREACHABLE_BACKOFF;
+                    state.penalised_until = Some(state.penalised_until.map_or(until, |current| current.max(until)));
+                }
                 None
             }
         }
