@@ -133,3 +133,34 @@ async fn help_works_for_every_command() {
         assert!(text(&output.stdout).contains("Usage"), "cachemesh {args:?}: {}", text(&output.stdout));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_get_into_a_special_file_writes_through_it_and_leaves_it_in_place() {
+    // Goal (regression: `get -o /dev/null` as root renamed a temp file over the device):
+    // `get -o FIFO` writes the object's bytes through the FIFO and the FIFO is still a FIFO
+    // afterwards, with no temp file left beside it.
+    use std::os::unix::fs::FileTypeExt;
+    let seed = test_seed();
+    let daemon = Daemon::start().await;
+    let length = 3 * CHUNK / 2;
+    let (id, expected) = put_checked(&daemon.client(), Pattern::new(seed), length).await;
+    let fifo = daemon.root().join("out.fifo");
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status().expect("running mkfifo");
+    assert!(made.success(), "mkfifo failed");
+    let reader_path = fifo.clone();
+    let reader = std::thread::spawn(move || std::fs::read(reader_path).expect("reading the fifo"));
+    let output = daemon.cli(&["get", &id.to_string(), "-o", &fifo.display().to_string()]).await;
+    assert_ok(&output, "get -o FIFO");
+    let received = reader.join().expect("the fifo reader");
+    let mut digest = StreamDigest::new();
+    digest.update(&received);
+    assert_eq!(digest.object_id(), expected.object_id(), "bytes through the fifo");
+    let kind = std::fs::symlink_metadata(&fifo).unwrap().file_type();
+    assert!(kind.is_fifo(), "the fifo was replaced by {kind:?}");
+    let leftovers: Vec<_> = std::fs::read_dir(daemon.root())
+        .unwrap()
+        .filter_map(|entry| entry.ok())
+        .filter(|entry| entry.file_name().to_string_lossy().contains("cachemesh-partial"))
+        .collect();
+    assert!(leftovers.is_empty(), "temp files left: {leftovers:?}");
+}

@@ -143,7 +143,18 @@ async fn get(client: &Client, id: &str, output: Option<&Path>, range: Option<&st
     let length =
         response.headers().get(http::header::CONTENT_LENGTH).and_then(|value| value.to_str().ok()?.parse().ok());
     let bar = progress(length, "get");
+    // Special files (/dev/null, a FIFO, a terminal) are written in place: renaming a temp
+    // file over them would replace the device itself.
+    let special = output.is_some_and(|path| std::fs::metadata(path).is_ok_and(|metadata| !metadata.is_file()));
     let (mut writer, temp): (Box<dyn tokio::io::AsyncWrite + Unpin>, Option<PathBuf>) = match output {
+        Some(path) if special => {
+            let file = tokio::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .await
+                .with_context(|| format!("cannot open {}", path.display()))?;
+            (Box::new(file), None)
+        }
         Some(path) => {
             // Write beside the target and rename at the end: no half-written file appears.
             let temp = path.with_file_name(format!(
