@@ -23,7 +23,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use cachemesh_proto::ObjectId;
 use cachemesh_proto::api::{ErrorBody, ErrorCode, StatusResponse};
-use cachemesh_proto::limits::{API_HEADER_BYTES_MAX, API_SOCKET_BUFFER_BYTES};
+use cachemesh_proto::limits::{API_HEADER_BYTES_MAX, API_READ_BUFFER_BYTES, API_SOCKET_BUFFER_BYTES};
 use cachemesh_proto::range::{ByteRangeSpec, RangeError};
 use futures::StreamExt;
 use hyper_util::rt::TokioIo;
@@ -164,7 +164,26 @@ pub fn router(state: ApiState) -> Router {
         .method_not_allowed_fallback(|method: Method| async move {
             ApiError::new(ErrorCode::MethodNotAllowed, format!("method {method} is not allowed on this route"))
         })
+        .layer(axum::middleware::from_fn(check_head_size))
         .with_state(state)
+}
+
+/// Refuses requests whose head exceeds `API_HEADER_BYTES_MAX`, with a JSON error.
+async fn check_head_size(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let uri = request.uri().to_string().len();
+    // "METHOD URI HTTP/1.1\r\n" and "name: value\r\n" per header.
+    let head = request.method().as_str().len()
+        + uri
+        + 11
+        + request.headers().iter().map(|(name, value)| name.as_str().len() + value.len() + 4).sum::<usize>();
+    if head > API_HEADER_BYTES_MAX {
+        return ApiError::new(
+            ErrorCode::HeadersTooLarge,
+            format!("the request head has {head} bytes, more than API_HEADER_BYTES_MAX ({API_HEADER_BYTES_MAX})"),
+        )
+        .into_response();
+    }
+    next.run(request).await
 }
 
 fn parse_object_id(text: &str) -> Result<ObjectId, ApiError> {
@@ -336,8 +355,9 @@ pub fn bind_socket(path: &Path) -> std::io::Result<UnixListener> {
 /// by `tracker` and told to finish gracefully on shutdown.
 pub async fn serve(listener: UnixListener, router: Router, shutdown: CancellationToken, tracker: TaskTracker) {
     let mut http = hyper::server::conn::http1::Builder::new();
-    // The read buffer bounds the request head: a larger head is answered 431 by hyper.
-    http.max_buf_size(API_HEADER_BYTES_MAX);
+    // The read buffer bounds a head's memory before parsing (hyper answers 431 past it);
+    // `check_head_size` then applies the API's own, smaller, head limit.
+    http.max_buf_size(API_READ_BUFFER_BYTES);
     loop {
         let accepted = tokio::select! {
             () = shutdown.cancelled() => break,

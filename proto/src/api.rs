@@ -28,6 +28,8 @@ pub enum ErrorCode {
     RangeNotSatisfiable,
     /// The request body is larger than the limit for its route.
     BodyTooLarge,
+    /// The request head is larger than `API_HEADER_BYTES_MAX`.
+    HeadersTooLarge,
     /// The request is malformed in some other way (bad header, bad query).
     BadRequest,
     /// The client's body ended early or broke off.
@@ -53,6 +55,7 @@ impl ErrorCode {
             Self::BadObjectId | Self::BadRange | Self::BadRequest | Self::BodyIncomplete => 400,
             Self::RangeNotSatisfiable => 416,
             Self::BodyTooLarge => 413,
+            Self::HeadersTooLarge => 431,
             Self::OriginUnavailable | Self::OriginCorrupt => 502,
             Self::InsufficientStorage => 507,
             Self::ShuttingDown => 503,
@@ -70,6 +73,7 @@ impl ErrorCode {
             Self::BadRange => "bad_range",
             Self::RangeNotSatisfiable => "range_not_satisfiable",
             Self::BodyTooLarge => "body_too_large",
+            Self::HeadersTooLarge => "headers_too_large",
             Self::BadRequest => "bad_request",
             Self::BodyIncomplete => "body_incomplete",
             Self::OriginUnavailable => "origin_unavailable",

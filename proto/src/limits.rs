@@ -24,10 +24,15 @@ pub const MANIFEST_HEADER_BYTES: usize = 24;
 /// Largest encoded manifest: the header plus [`OBJECT_CHUNKS_MAX`] ids.
 pub const MANIFEST_BYTES_MAX: usize = MANIFEST_HEADER_BYTES + OBJECT_CHUNKS_MAX as usize * ID_BYTES;
 
-/// Largest request head (request line plus headers) the local API reads. It is also the
-/// HTTP layer's read buffer, so it bounds how much of a streamed body one read takes:
-/// 16 KiB made 1 GiB puts cost 65,536 reads.
-pub const API_HEADER_BYTES_MAX: usize = 256 * 1024;
+/// Largest request head (request line plus headers) the local API accepts; larger heads
+/// are answered 431 `headers_too_large`.
+pub const API_HEADER_BYTES_MAX: usize = 16 * 1024;
+
+/// The HTTP layer's read buffer on API connections. It bounds how much of a body one read
+/// takes (16 KiB made a 1 GiB put cost 65,536 reads) and the memory a head can occupy
+/// before it is parsed and checked against `API_HEADER_BYTES_MAX`.
+pub const API_READ_BUFFER_BYTES: usize = 256 * 1024;
+const _: () = assert!(API_HEADER_BYTES_MAX <= API_READ_BUFFER_BYTES);
 
 /// Socket buffer asked for on API connections, both ways (the kernel caps it at
 /// `net.core.wmem_max` / `rmem_max`).
