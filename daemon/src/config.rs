@@ -105,6 +105,10 @@ pub struct Settings {
     #[cfg(feature = "test-faults")]
     #[arg(long, global = true, hide = true, value_name = "BOOL")]
     pub fault_corrupt_served_chunks: Option<bool>,
+    /// Test-only fault: wait this many milliseconds before serving each chunk to a peer.
+    #[cfg(feature = "test-faults")]
+    #[arg(long, global = true, hide = true, value_name = "MS")]
+    pub fault_slow_served_chunks_ms: Option<u64>,
 }
 
 /// A rate in bytes per second, written `500MiB`, `500MiB/s` or `1GB/s`.
@@ -195,6 +199,9 @@ pub struct Config {
     pub mesh: Option<MeshConfig>,
     /// Test-only fault switch; always false unless built with `test-faults`.
     pub fault_corrupt_served_chunks: bool,
+    /// Test-only fault: delay before each chunk served to a peer; zero unless built with
+    /// `test-faults`.
+    pub fault_slow_served_chunks: std::time::Duration,
 }
 
 /// Configuration errors.
@@ -337,9 +344,14 @@ impl Config {
         let fault_corrupt_served_chunks = flags.fault_corrupt_served_chunks.unwrap_or(false);
         #[cfg(not(feature = "test-faults"))]
         let fault_corrupt_served_chunks = false;
+        #[cfg(feature = "test-faults")]
+        let fault_slow_served_chunks = std::time::Duration::from_millis(flags.fault_slow_served_chunks_ms.unwrap_or(0));
+        #[cfg(not(feature = "test-faults"))]
+        let fault_slow_served_chunks = std::time::Duration::ZERO;
         Ok(Self {
             mesh,
             fault_corrupt_served_chunks,
+            fault_slow_served_chunks,
             api_socket: flags.api_socket.or(file.api_socket).unwrap_or_else(default_api_socket),
             origin: flags.origin.or(file.origin).unwrap_or_else(default_origin),
             cache_size_bytes,

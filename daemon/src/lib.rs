@@ -9,6 +9,7 @@ pub mod client;
 pub mod config;
 pub mod discovery;
 pub mod fetch;
+pub mod hedge;
 pub mod identity;
 pub mod mesh;
 pub mod metrics;

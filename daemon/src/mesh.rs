@@ -4,9 +4,15 @@
 //! - Provider records are per object: a node provides an object as soon as it holds any
 //!   chunk of it (after a put, after the first chunk fetched), again at start-up for every
 //!   object it still holds, and withdraws it when a sweep finds none of its chunks left.
-//! - To fetch a chunk from holders it asks the object's providers for their have-set (a
-//!   bitmap, cached for [`HAVE_SET_TTL`]) and tries those that hold the chunk, least loaded
-//!   first; a peer that sends corrupt bytes is penalised for [`PEER_PENALTY`].
+//! - To fetch a chunk from holders it asks up to [`HAVE_SET_FANOUT_MAX`] of the object's
+//!   holders for their have-set (a bitmap; one request per holder and object in flight,
+//!   answers cached: a set bit for [`HAVE_SET_POSITIVE_TTL`], a clear one for
+//!   [`HAVE_SET_TTL`]) and asks those that hold the chunk, least loaded first. When the
+//!   first is slower than the hedge delay ([`crate::hedge`]) the next is asked too and the
+//!   first verified answer wins. A peer that sends corrupt bytes is penalised for
+//!   [`PEER_PENALTY`].
+//! - Holders of an object are its DHT providers plus the peers that asked this node for
+//!   its have-set: a peer asking is fetching the object and serves what it has so far.
 //! - The home order of a chunk (rendezvous hashing over the live members and this node)
 //!   says which node fetches it from the origin for the whole DC.
 //!
@@ -22,6 +28,9 @@ use bytes::Bytes;
 use cachemesh_proto::api::{MeshStatus, PeerStatus};
 use cachemesh_proto::frames::have_set_contains;
 use cachemesh_proto::{ChunkId, ObjectId};
+use futures::future::{BoxFuture, Shared};
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
 use libp2p::{Multiaddr, PeerId};
 use lru::LruCache;
 use tokio_util::sync::CancellationToken;
@@ -29,17 +38,30 @@ use tokio_util::sync::CancellationToken;
 pub use crate::discovery::parse_listen_addr;
 use crate::discovery::{BootstrapAddr, Discovery, DiscoveryConfig};
 use crate::fetch::{FetchError, Fetcher};
+use crate::hedge::HedgePolicy;
 use crate::identity::{ClusterKey, NodeIdentity};
 use crate::placement::{Position, home_order};
 use crate::transport::{ChunkService, DataPlane, DataPlaneConfig, HomeFetchError, PeerError, PeerTarget};
 
-/// How long a have-set answer is trusted.
+/// How long a have-set answer is trusted to say a holder lacks a chunk: holders that are
+/// still downloading gain chunks quickly.
 pub const HAVE_SET_TTL: Duration = Duration::from_secs(2);
-/// How long a provider lookup is trusted.
+/// How long a have-set answer is trusted to say a holder has a chunk: holders rarely evict
+/// what they just fetched, and a wrong guess costs one NotFound answer.
+pub const HAVE_SET_POSITIVE_TTL: Duration = Duration::from_secs(30);
+/// How long a provider lookup is trusted when it found at least [`HAVE_SET_FANOUT_MAX`]
+/// other holders.
 pub const PROVIDERS_TTL: Duration = Duration::from_secs(5);
+/// How long a provider lookup is trusted when it found fewer: early in a cold start the
+/// first lookups see only the seeder, and readers must find each other within a short run.
+pub const PROVIDERS_TTL_FEW: Duration = Duration::from_secs(1);
+/// Holders asked for their have-set per chunk fetch, at most.
+pub const HAVE_SET_FANOUT_MAX: usize = 8;
+/// Holders remembered per object (from lookups and from peers asking for have-sets).
+pub const PROVIDERS_PER_OBJECT_MAX: usize = 64;
 /// Objects whose have-sets / providers are cached.
 pub const HOLDER_CACHE_OBJECTS_MAX: usize = 1024;
-/// Holders tried for one chunk before moving on to its home node.
+/// Holders tried for one chunk (hedges included) before moving on to its home node.
 pub const HOLDER_ATTEMPTS_MAX: usize = 3;
 /// Home candidates tried (this node counts) before going to the origin directly.
 pub const HOME_CANDIDATES_MAX: usize = 3;
@@ -51,6 +73,10 @@ pub const PEER_UNREACHABLE_BACKOFF: Duration = Duration::from_secs(10);
 pub const HAVE_SET_WAIT: Duration = Duration::from_millis(500);
 /// How often provided objects are checked for withdrawal.
 pub const PROVIDE_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+
+const _: () = assert!(HAVE_SET_TTL.as_nanos() <= HAVE_SET_POSITIVE_TTL.as_nanos());
+const _: () = assert!(PROVIDERS_TTL_FEW.as_nanos() <= PROVIDERS_TTL.as_nanos());
+const _: () = assert!(HAVE_SET_FANOUT_MAX <= PROVIDERS_PER_OBJECT_MAX);
 
 /// Errors starting the mesh.
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +114,8 @@ pub struct MeshSettings {
     pub upload_limit_bytes_per_second: Option<u64>,
     /// Test-only fault: serve corrupt chunks.
     pub corrupt_served_chunks: bool,
+    /// Test-only fault: wait this long before serving each chunk.
+    pub slow_served_chunks: Duration,
 }
 
 #[derive(Debug, Default)]
@@ -105,6 +133,73 @@ struct HolderCache {
     have_sets: LruCache<(PeerId, ObjectId), CachedHaveSet>,
 }
 
+/// Concurrent callers asking for the same key share one spawned task. The task runs to
+/// completion even if every caller gives up, then leaves the table, so the table holds
+/// only work in progress (each bounded by its own timeout).
+struct SingleFlight<K, V: Clone> {
+    /// A std mutex: never held across an `.await`.
+    table: Arc<Mutex<HashMap<K, Flight<V>>>>,
+}
+
+/// One shared piece of work in progress; `None` when its task died.
+type Flight<V> = Shared<BoxFuture<'static, Option<V>>>;
+
+/// A have-set answer as shared between callers.
+type HaveSetAnswer = Result<Arc<Vec<u8>>, PeerError>;
+
+impl<K, V> SingleFlight<K, V>
+where
+    K: std::hash::Hash + Eq + Copy + Send + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    fn new() -> Self {
+        Self { table: Arc::new(Mutex::new(HashMap::new())) }
+    }
+
+    /// The shared result of `work` for `key`; `None` when the task died.
+    fn run<F>(&self, key: K, work: impl FnOnce() -> F) -> Flight<V>
+    where
+        F: std::future::Future<Output = V> + Send + 'static,
+    {
+        let mut table = self.table.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(flight) = table.get(&key) {
+            return flight.clone();
+        }
+        let work = work();
+        let handle = self.table.clone();
+        let task = tokio::spawn(async move {
+            let value = work.await;
+            handle.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&key);
+            value
+        });
+        let flight = async move { task.await.ok() }.boxed().shared();
+        table.insert(key, flight.clone());
+        flight
+    }
+}
+
+/// Counts a request in its peer's load while it lives, also when its future is dropped
+/// (a hedge that lost).
+struct InFlight<'a> {
+    mesh: &'a Mesh,
+    peer: PeerId,
+}
+
+impl<'a> InFlight<'a> {
+    fn start(mesh: &'a Mesh, peer: PeerId) -> Self {
+        mesh.lock_load().entry(peer).or_default().in_flight += 1;
+        Self { mesh, peer }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if let Some(state) = self.mesh.lock_load().get_mut(&self.peer) {
+            state.in_flight = state.in_flight.saturating_sub(1);
+        }
+    }
+}
+
 /// This node's membership in its DC's mesh.
 pub struct Mesh {
     identity: NodeIdentity,
@@ -116,6 +211,9 @@ pub struct Mesh {
     provided: Mutex<HashSet<ObjectId>>,
     holders: Mutex<HolderCache>,
     load: Mutex<HashMap<PeerId, PeerLoad>>,
+    hedge: Mutex<HedgePolicy>,
+    provider_lookups: SingleFlight<ObjectId, Vec<PeerId>>,
+    have_set_requests: SingleFlight<(PeerId, ObjectId), HaveSetAnswer>,
 }
 
 impl std::fmt::Debug for Mesh {
@@ -130,7 +228,10 @@ struct Serve {
 }
 
 impl ChunkService for Serve {
-    async fn have_set(&self, object: ObjectId) -> Option<(u32, Vec<u8>)> {
+    async fn have_set(&self, peer: PeerId, object: ObjectId) -> Option<(u32, Vec<u8>)> {
+        if let Some(mesh) = self.fetcher.mesh() {
+            mesh.note_fetching(peer, object);
+        }
         let manifest = self.fetcher.store().manifest(&object).await.ok().flatten()?;
         let count = manifest.chunks().len();
         let mut bitmap = vec![0u8; count.div_ceil(8)];
@@ -173,6 +274,7 @@ impl Mesh {
         #[cfg(feature = "test-faults")]
         {
             data_config.corrupt_served_chunks = settings.corrupt_served_chunks;
+            data_config.delay_served_chunks = settings.slow_served_chunks;
         }
         let data_plane = DataPlane::start(data_config, Arc::new(Serve { fetcher: fetcher.clone() }), shutdown.clone())
             .await
@@ -210,6 +312,9 @@ impl Mesh {
                 have_sets: LruCache::new(capacity.saturating_mul(NonZeroUsize::new(8).unwrap_or(NonZeroUsize::MIN))),
             }),
             load: Mutex::new(HashMap::new()),
+            hedge: Mutex::new(HedgePolicy::new()),
+            provider_lookups: SingleFlight::new(),
+            have_set_requests: SingleFlight::new(),
         });
         fetcher.attach_mesh(mesh.clone());
         tokio::spawn(mesh.clone().announce_held_objects(fetcher.clone()));
@@ -272,6 +377,10 @@ impl Mesh {
         self.load.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    fn lock_hedge(&self) -> std::sync::MutexGuard<'_, HedgePolicy> {
+        self.hedge.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// Announces that this node holds (some of) `object`; cheap when already announced.
     pub async fn provide(&self, object: ObjectId) {
         if self.lock_provided().insert(object) {
@@ -303,46 +412,85 @@ impl Mesh {
             .map(|member| PeerTarget { peer_id, addr: member.data_addr })
     }
 
-    async fn providers(&self, object: ObjectId) -> Vec<PeerId> {
-        let now = Instant::now();
-        if let Some((at, peers)) = self.lock_holders().providers.get(&object)
-            && now.duration_since(*at) < PROVIDERS_TTL
-        {
-            return peers.clone();
+    /// Holders of `object` other than this node: DHT providers plus peers that asked for
+    /// its have-set. Lookups are single-flight per object and cached ([`PROVIDERS_TTL`],
+    /// or [`PROVIDERS_TTL_FEW`] while few are known).
+    async fn providers(self: &Arc<Self>, object: ObjectId) -> Vec<PeerId> {
+        if let Some((at, peers)) = self.lock_holders().providers.get(&object) {
+            let ttl = if peers.len() >= HAVE_SET_FANOUT_MAX { PROVIDERS_TTL } else { PROVIDERS_TTL_FEW };
+            if at.elapsed() < ttl {
+                return peers.clone();
+            }
         }
-        let me = self.identity.peer_id();
-        let peers: Vec<PeerId> =
-            self.discovery.providers(object).await.into_iter().filter(|peer| *peer != me).collect();
-        self.lock_holders().providers.put(object, (now, peers.clone()));
-        peers
+        let mesh = self.clone();
+        let lookup = self.provider_lookups.run(object, move || async move {
+            let me = mesh.identity.peer_id();
+            let mut peers: Vec<PeerId> =
+                mesh.discovery.providers(object).await.into_iter().filter(|peer| *peer != me).collect();
+            let mut holders = mesh.lock_holders();
+            // Keep peers learnt since the last lookup (they may not have published yet).
+            if let Some((_, known)) = holders.providers.peek(&object) {
+                for peer in known {
+                    if !peers.contains(peer) {
+                        peers.push(*peer);
+                    }
+                }
+            }
+            peers.truncate(PROVIDERS_PER_OBJECT_MAX);
+            holders.providers.put(object, (Instant::now(), peers.clone()));
+            peers
+        });
+        lookup.await.unwrap_or_default()
     }
 
-    async fn have_set(&self, peer: &PeerTarget, object: ObjectId) -> Option<Arc<Vec<u8>>> {
-        let now = Instant::now();
-        if let Some((at, bitmap)) = self.lock_holders().have_sets.get(&(peer.peer_id, object))
-            && now.duration_since(*at) < HAVE_SET_TTL
+    /// Notes that `peer` is fetching `object` (it asked for this node's have-set): it will
+    /// hold chunks of it and can serve them before its provider record is published.
+    pub fn note_fetching(&self, peer: PeerId, object: ObjectId) {
+        let mut holders = self.lock_holders();
+        // Only added to a lookup's answer, never as a fresh entry: an entry holding just
+        // this peer would hide the DHT's providers until it expired.
+        if let Some((_, peers)) = holders.providers.peek_mut(&object)
+            && !peers.contains(&peer)
+            && peers.len() < PROVIDERS_PER_OBJECT_MAX
         {
-            return Some(bitmap.clone());
+            peers.push(peer);
         }
-        match self.data_plane.have_set(peer, object).await {
-            Ok((_, bitmap)) => {
-                let bitmap = Arc::new(bitmap);
-                self.lock_holders().have_sets.put((peer.peer_id, object), (now, bitmap.clone()));
+    }
+
+    /// `peer`'s have-set of `object`, from the cache when it can still answer for chunk
+    /// `index`, else from one request shared by concurrent callers.
+    async fn have_set(&self, peer: &PeerTarget, object: ObjectId, index: usize) -> Option<Arc<Vec<u8>>> {
+        if let Some((at, bitmap)) = self.lock_holders().have_sets.get(&(peer.peer_id, object)) {
+            let age = at.elapsed();
+            if age < HAVE_SET_TTL || (age < HAVE_SET_POSITIVE_TTL && have_set_contains(bitmap, index)) {
+                return Some(bitmap.clone());
+            }
+        }
+        let plane = self.data_plane.clone();
+        let target = *peer;
+        let request = self.have_set_requests.run((peer.peer_id, object), move || async move {
+            metrics::counter!("cachemesh_have_set_requests_total").increment(1);
+            plane.have_set(&target, object).await.map(|(_, bitmap)| Arc::new(bitmap))
+        });
+        match request.await {
+            Some(Ok(bitmap)) => {
+                self.lock_holders().have_sets.put((peer.peer_id, object), (Instant::now(), bitmap.clone()));
                 Some(bitmap)
             }
-            Err(error) => {
+            Some(Err(error)) => {
                 tracing::debug!(peer = %peer.peer_id, %error, "have-set request failed");
                 if matches!(error, PeerError::Connect(_) | PeerError::Timeout) {
                     self.avoid(&peer.peer_id, PEER_UNREACHABLE_BACKOFF);
                 }
                 None
             }
+            None => None,
         }
     }
 
     /// The chunk at `index` of `object` from a peer that holds it, verified; `None` when no
     /// holder could give it.
-    pub async fn fetch_from_holders(&self, object: ObjectId, index: usize, chunk: ChunkId) -> Option<Bytes> {
+    pub async fn fetch_from_holders(self: &Arc<Self>, object: ObjectId, index: usize, chunk: ChunkId) -> Option<Bytes> {
         let providers = self.providers(object).await;
         if providers.is_empty() {
             return None;
@@ -350,13 +498,25 @@ impl Mesh {
         let now = Instant::now();
         // Only live members that are not being avoided: a killed holder stays in provider
         // records until they expire, and must not hold up the fetch.
-        let targets: Vec<PeerTarget> = providers
+        let mut targets: Vec<PeerTarget> = providers
             .into_iter()
             .filter_map(|peer| self.member_target(peer))
             .filter(|target| !self.avoided(&target.peer_id, now))
             .collect();
+        if targets.is_empty() {
+            return None;
+        }
+        // Ask a bounded number of holders, least loaded first; rotating by chunk index
+        // spreads equally loaded holders over the chunks of an object.
+        let rotation = index % targets.len();
+        targets.rotate_left(rotation);
+        {
+            let load = self.lock_load();
+            targets.sort_by_key(|target| load.get(&target.peer_id).map_or(0, |state| state.in_flight));
+        }
+        targets.truncate(HAVE_SET_FANOUT_MAX);
         let have_sets = futures::future::join_all(targets.iter().map(|target| async move {
-            match tokio::time::timeout(HAVE_SET_WAIT, self.have_set(target, object)).await {
+            match tokio::time::timeout(HAVE_SET_WAIT, self.have_set(target, object, index)).await {
                 Ok(bitmap) => bitmap,
                 Err(_) => {
                     // Too slow to answer a tiny request: busy or gone. Others serve meanwhile.
@@ -380,12 +540,51 @@ impl Mesh {
                 .collect()
         };
         candidates.sort_by_key(|(in_flight, _)| *in_flight);
-        for (_, target) in candidates.into_iter().take(HOLDER_ATTEMPTS_MAX) {
-            if let Some(bytes) = self.request(&target, chunk, false).await {
-                return Some(bytes);
+        self.race_holders(candidates.into_iter().map(|(_, target)| target).take(HOLDER_ATTEMPTS_MAX).collect(), chunk)
+            .await
+    }
+
+    /// Asks `holders` in order for `chunk`: the next one when the previous fails, or when it
+    /// is slower than the hedge delay (then both race and the first verified answer wins;
+    /// the loser's stream is reset when its future drops).
+    async fn race_holders(&self, holders: Vec<PeerTarget>, chunk: ChunkId) -> Option<Bytes> {
+        let mut waiting = holders.into_iter();
+        let mut racing = FuturesUnordered::new();
+        loop {
+            if racing.is_empty() {
+                let next = waiting.next()?;
+                racing.push(self.timed_request(next, chunk, false));
+            }
+            let delay = self.lock_hedge().delay();
+            let hedge_timer = tokio::time::sleep(delay);
+            tokio::select! {
+                Some((result, was_hedge)) = racing.next() => {
+                    if let Some(bytes) = result {
+                        if was_hedge {
+                            metrics::counter!("cachemesh_hedge_wins_total").increment(1);
+                        }
+                        return Some(bytes);
+                    }
+                }
+                () = hedge_timer, if waiting.len() > 0 => {
+                    if let Some(next) = waiting.next() {
+                        metrics::counter!("cachemesh_hedged_requests_total").increment(1);
+                        racing.push(self.timed_request(next, chunk, true));
+                    }
+                }
             }
         }
-        None
+    }
+
+    /// A chunk request to a holder, recording its duration for the hedge policy when it
+    /// succeeds; `is_hedge` is handed back with the result.
+    async fn timed_request(&self, peer: PeerTarget, chunk: ChunkId, is_hedge: bool) -> (Option<Bytes>, bool) {
+        let started = Instant::now();
+        let result = self.request(&peer, chunk, false).await;
+        if result.is_some() {
+            self.lock_hedge().record_success(started.elapsed());
+        }
+        (result, is_hedge)
     }
 
     /// The chunk from its home node `peer` (which fetches it from the origin if needed).
@@ -409,15 +608,15 @@ impl Mesh {
     }
 
     async fn request(&self, peer: &PeerTarget, chunk: ChunkId, home: bool) -> Option<Bytes> {
-        self.lock_load().entry(peer.peer_id).or_default().in_flight += 1;
+        let in_flight = InFlight::start(self, peer.peer_id);
         let result = if home {
             self.data_plane.home_fetch(peer, chunk).await
         } else {
             self.data_plane.get_chunk(peer, chunk).await
         };
+        drop(in_flight);
         let mut load = self.lock_load();
         let state = load.entry(peer.peer_id).or_default();
-        state.in_flight = state.in_flight.saturating_sub(1);
         match result {
             Ok(bytes) => Some(bytes),
             Err(PeerError::Corrupt { .. }) => {

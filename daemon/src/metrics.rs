@@ -52,6 +52,12 @@ fn describe() {
     describe_counter!("cachemesh_origin_bytes_total", Unit::Bytes, "Bytes moved to or from the origin, by direction.");
     describe_histogram!("cachemesh_origin_request_seconds", Unit::Seconds, "Origin request latency, by op.");
     describe_counter!("cachemesh_api_errors_total", "Error answers of the local API, by code.");
+    describe_counter!("cachemesh_have_set_requests_total", "Have-set requests sent to holders.");
+    describe_counter!(
+        "cachemesh_hedged_requests_total",
+        "Chunk requests sent to a second holder because the first was slower than the hedge delay."
+    );
+    describe_counter!("cachemesh_hedge_wins_total", "Hedged chunk requests that answered first.");
 }
 
 /// Runs histogram upkeep until shutdown.

@@ -101,6 +101,7 @@ fn mesh_settings(config: &Config, mesh: &MeshConfig) -> anyhow::Result<MeshSetti
         bootstrap,
         upload_limit_bytes_per_second: mesh.upload_limit_bytes_per_second,
         corrupt_served_chunks: config.fault_corrupt_served_chunks,
+        slow_served_chunks: config.fault_slow_served_chunks,
     })
 }
 

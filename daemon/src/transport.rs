@@ -36,6 +36,7 @@ use std::future::Future;
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::ops::Range;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -140,6 +141,9 @@ pub const RESPONSE_HEAD_BYTES_MAX: usize = 5 + HAVE_SET_BYTES_MAX;
 
 /// Time for the QUIC/TLS handshake of a new connection.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a failed connect to a peer is remembered and returned to other callers at once.
+/// Short: a peer that restarts is retried within about this long.
+pub const CONNECT_FAILURE_MEMORY: Duration = Duration::from_secs(1);
 
 /// Time for the Hello exchange once the handshake is done.
 pub const ADMISSION_TIMEOUT: Duration = Duration::from_secs(5);
@@ -252,7 +256,9 @@ const _: () = assert!(REQUEST_TIMEOUT.as_secs() <= HOME_FETCH_TIMEOUT.as_secs())
 /// What the serving side answers from: the node's store, have-sets and home fetches.
 pub trait ChunkService: Send + Sync + 'static {
     /// Chunks of `object` this node holds: (chunk_count, bitmap LSB-first), None if unknown object.
-    fn have_set(&self, object: ObjectId) -> impl Future<Output = Option<(u32, Vec<u8>)>> + Send;
+    /// `peer` is the admitted peer asking: it is fetching the object, so it will soon hold
+    /// chunks of it too (the mesh uses that as a hint of a holder).
+    fn have_set(&self, peer: PeerId, object: ObjectId) -> impl Future<Output = Option<(u32, Vec<u8>)>> + Send;
     /// A verified local chunk, None if not held.
     fn local_chunk(&self, id: ChunkId) -> impl Future<Output = Option<Bytes>> + Send;
     /// As home node: the chunk from the local store or the origin (coalesced), verified.
@@ -297,6 +303,9 @@ pub struct DataPlaneConfig {
     /// Test fault: GetChunk answers have one byte flipped.
     #[cfg(feature = "test-faults")]
     pub corrupt_served_chunks: bool,
+    /// Test fault: GetChunk answers wait this long before their first byte (a slow peer).
+    #[cfg(feature = "test-faults")]
+    pub delay_served_chunks: Duration,
 }
 
 impl DataPlaneConfig {
@@ -310,6 +319,8 @@ impl DataPlaneConfig {
             upload_limit_bytes_per_second: None,
             #[cfg(feature = "test-faults")]
             corrupt_served_chunks: false,
+            #[cfg(feature = "test-faults")]
+            delay_served_chunks: Duration::ZERO,
         }
     }
 }
@@ -486,8 +497,18 @@ impl std::fmt::Debug for DataPlane {
     }
 }
 
+/// What is known about reaching one peer.
+#[derive(Default)]
+struct PeerSlotState {
+    connection: Option<Connection>,
+    /// The last failed connect, while younger than [`CONNECT_FAILURE_MEMORY`]: callers
+    /// queued behind a failing connect get its error at once instead of each waiting out
+    /// their own [`CONNECT_TIMEOUT`] one after another.
+    failed: Option<(Instant, PeerError)>,
+}
+
 /// A slot per peer; the tokio mutex serialises (re)connecting to that peer.
-type PeerSlot = Arc<tokio::sync::Mutex<Option<Connection>>>;
+type PeerSlot = Arc<tokio::sync::Mutex<PeerSlotState>>;
 
 struct Shared {
     endpoint: Endpoint,
@@ -495,6 +516,8 @@ struct Shared {
     local: Arc<LocalHello>,
     /// `std` mutex, never held across an `.await`.
     peers: Mutex<HashMap<PeerId, PeerSlot>>,
+    /// Connection attempts made, for tests of the connect path.
+    connects_started: AtomicU64,
     tracker: TaskTracker,
 }
 
@@ -546,11 +569,20 @@ impl DataPlane {
             tracker: tracker.clone(),
             #[cfg(feature = "test-faults")]
             corrupt_served_chunks: config.corrupt_served_chunks,
+            #[cfg(feature = "test-faults")]
+            delay_served_chunks: config.delay_served_chunks,
         });
         tracker.spawn(accept_loop(endpoint.clone(), server, shutdown));
         tracing::info!(addr = %local_addr, peer_id = %local.identity.peer_id(), "data plane listening");
         Ok(DataPlane {
-            shared: Arc::new(Shared { endpoint, local_addr, local, peers: Mutex::new(HashMap::new()), tracker }),
+            shared: Arc::new(Shared {
+                endpoint,
+                local_addr,
+                local,
+                peers: Mutex::new(HashMap::new()),
+                connects_started: AtomicU64::new(0),
+                tracker,
+            }),
         })
     }
 
@@ -621,7 +653,7 @@ impl DataPlane {
             if !peers.contains_key(&peer.peer_id) && peers.len() >= PEER_CONNECTIONS_MAX {
                 // Drop peers whose connection is gone and that nobody is connecting to.
                 peers.retain(|_, slot| match slot.try_lock() {
-                    Ok(connection) => connection.as_ref().is_some_and(|c| c.close_reason().is_none()),
+                    Ok(state) => state.connection.as_ref().is_some_and(|c| c.close_reason().is_none()),
                     Err(_) => true,
                 });
                 if peers.len() >= PEER_CONNECTIONS_MAX {
@@ -630,8 +662,8 @@ impl DataPlane {
             }
             peers.entry(peer.peer_id).or_default().clone()
         };
-        let mut cached = slot.lock().await;
-        if let Some(connection) = cached.as_ref() {
+        let mut state = slot.lock().await;
+        if let Some(connection) = state.connection.as_ref() {
             if connection.close_reason().is_none() && same_address(connection.remote_address(), peer.addr) {
                 return Ok((connection.clone(), false));
             }
@@ -639,14 +671,28 @@ impl DataPlane {
                 connection.close(CLOSE_REPLACED, b"peer moved");
             }
         }
-        *cached = None;
-        let connection = self.connect(peer).await?;
-        *cached = Some(connection.clone());
-        Ok((connection, true))
+        state.connection = None;
+        if let Some((at, error)) = &state.failed
+            && at.elapsed() < CONNECT_FAILURE_MEMORY
+        {
+            return Err(error.clone());
+        }
+        match self.connect(peer).await {
+            Ok(connection) => {
+                state.failed = None;
+                state.connection = Some(connection.clone());
+                Ok((connection, true))
+            }
+            Err(error) => {
+                state.failed = Some((Instant::now(), error.clone()));
+                Err(error)
+            }
+        }
     }
 
     /// Connects to `peer` and runs the client side of the Hello exchange.
     async fn connect(&self, peer: &PeerTarget) -> Result<Connection, PeerError> {
+        self.shared.connects_started.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let connecting = self
             .shared
             .endpoint
@@ -1128,6 +1174,8 @@ struct Server<S> {
     tracker: TaskTracker,
     #[cfg(feature = "test-faults")]
     corrupt_served_chunks: bool,
+    #[cfg(feature = "test-faults")]
+    delay_served_chunks: Duration,
 }
 
 /// One peer's share of the serving side.
@@ -1310,7 +1358,7 @@ impl<S: ChunkService> Server<S> {
             };
             match requests.clone().try_acquire_owned() {
                 Ok(permit) => {
-                    self.tracker.spawn(self.clone().serve_stream(send, recv, permit));
+                    self.tracker.spawn(self.clone().serve_stream(peer_id, send, recv, permit));
                 }
                 Err(_) => {
                     // Answered without reading the request; the number of these in flight
@@ -1343,7 +1391,13 @@ impl<S: ChunkService> Server<S> {
         Some((slot, load, requests))
     }
 
-    async fn serve_stream(self: Arc<Self>, mut send: SendStream, mut recv: RecvStream, _permit: OwnedSemaphorePermit) {
+    async fn serve_stream(
+        self: Arc<Self>,
+        peer_id: PeerId,
+        mut send: SendStream,
+        mut recv: RecvStream,
+        _permit: OwnedSemaphorePermit,
+    ) {
         let read = timeout(REQUEST_READ_TIMEOUT, read_frame(&mut recv, REQUEST_BYTES_MAX, Request::decode)).await;
         let request = match read {
             Ok(Ok((request, _))) => request,
@@ -1368,7 +1422,7 @@ impl<S: ChunkService> Server<S> {
         let limit = if matches!(request, Request::HomeFetch(_)) { HOME_FETCH_TIMEOUT } else { REQUEST_TIMEOUT };
         let outcome = tokio::select! {
             () = self.shutdown.cancelled() => Err(ServeError::ShuttingDown),
-            answered = timeout(limit, self.answer(request, &mut send)) => answered.unwrap_or(Err(ServeError::TimedOut)),
+            answered = timeout(limit, self.answer(peer_id, request, &mut send)) => answered.unwrap_or(Err(ServeError::TimedOut)),
         };
         match outcome.and_then(|status| send.finish().map(|()| status).map_err(|_| WriteError::ClosedStream.into())) {
             Ok(status) => count_served(kind, status_label(status)),
@@ -1381,10 +1435,10 @@ impl<S: ChunkService> Server<S> {
     }
 
     /// Answers one request; returns the status sent.
-    async fn answer(&self, request: Request, send: &mut SendStream) -> Result<Status, ServeError> {
+    async fn answer(&self, peer_id: PeerId, request: Request, send: &mut SendStream) -> Result<Status, ServeError> {
         match request {
             Request::HaveSet(object) => {
-                let head = match self.service.have_set(object).await {
+                let head = match self.service.have_set(peer_id, object).await {
                     Some((chunk_count, bitmap))
                         if bitmap.len() == (chunk_count as usize).div_ceil(8) && bitmap.len() <= HAVE_SET_BYTES_MAX =>
                     {
@@ -1410,7 +1464,7 @@ impl<S: ChunkService> Server<S> {
                     let message = format!("range {offset}+{length} outside a chunk of {} bytes", chunk.len());
                     return write_head(send, &refusal(Status::BadRequest, &message)).await;
                 };
-                let body = self.fault(chunk.slice(range));
+                let body = self.fault(chunk.slice(range)).await;
                 self.send_chunk(send, body).await
             }
             Request::HomeFetch(id) => {
@@ -1469,7 +1523,10 @@ impl<S: ChunkService> Server<S> {
     }
 
     #[cfg(feature = "test-faults")]
-    fn fault(&self, body: Bytes) -> Bytes {
+    async fn fault(&self, body: Bytes) -> Bytes {
+        if !self.delay_served_chunks.is_zero() {
+            tokio::time::sleep(self.delay_served_chunks).await;
+        }
         if !self.corrupt_served_chunks {
             return body;
         }
@@ -1481,7 +1538,7 @@ impl<S: ChunkService> Server<S> {
     }
 
     #[cfg(not(feature = "test-faults"))]
-    fn fault(&self, body: Bytes) -> Bytes {
+    async fn fault(&self, body: Bytes) -> Bytes {
         body
     }
 }
@@ -1576,6 +1633,8 @@ mod tests {
         chunks: HashMap<ChunkId, Bytes>,
         origin: HashMap<ChunkId, Result<Bytes, HomeFetchError>>,
         calls: AtomicUsize,
+        /// Who asked for have-sets, in order.
+        have_set_askers: Mutex<Vec<PeerId>>,
         /// When set, `local_chunk` reports its start and waits for a permit.
         gate: Option<Gate>,
     }
@@ -1586,8 +1645,9 @@ mod tests {
     }
 
     impl ChunkService for FakeService {
-        async fn have_set(&self, object: ObjectId) -> Option<(u32, Vec<u8>)> {
+        async fn have_set(&self, peer: PeerId, object: ObjectId) -> Option<(u32, Vec<u8>)> {
             self.calls.fetch_add(1, Ordering::SeqCst);
+            self.have_set_askers.lock().unwrap().push(peer);
             self.have.get(&object).cloned()
         }
 
@@ -1666,6 +1726,8 @@ mod tests {
 
         assert_eq!(client.plane.have_set(&peer, object).await, Ok((10, vec![0b1010_0101, 0b10])));
         assert_eq!(client.plane.have_set(&peer, ObjectId::of(b"unknown")).await, Err(PeerError::NotFound));
+        // The service is told who asked: the admitted identity, not an address.
+        assert_eq!(*server.service.have_set_askers.lock().unwrap(), vec![client.plane.peer_id(); 2]);
         assert_eq!(client.plane.get_chunk(&peer, id).await, Ok(chunk.clone()));
         assert_eq!(client.plane.get_chunk(&peer, ChunkId::of(b"absent")).await, Err(PeerError::NotFound));
         assert_eq!(client.plane.home_fetch(&peer, homed_id).await, Ok(homed));
@@ -1829,6 +1891,22 @@ mod tests {
         assert_eq!(client.plane.have_set(&second.target(), object).await, Ok((1, vec![1])));
         assert_eq!(client.plane.have_set(&second.target(), object).await, Ok((1, vec![1])));
         assert_eq!(second.service.calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn callers_queued_behind_a_dead_peer_fail_together() {
+        // Goal (regression: waiters for a dead peer's connection each waited out their own
+        // CONNECT_TIMEOUT, one after another): concurrent requests to a peer that never
+        // answers cost one connect attempt, and all of them get its error.
+        let black_hole = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let target = PeerTarget { peer_id: identity().peer_id(), addr: black_hole.local_addr().unwrap() };
+        let client = start(CLUSTER, FakeService::default()).await;
+        let object = ObjectId::of(b"o");
+        let results = futures::future::join_all((0..8).map(|_| client.plane.have_set(&target, object))).await;
+        for result in results {
+            assert!(matches!(result, Err(PeerError::Connect(_))), "{result:?}");
+        }
+        assert_eq!(client.plane.shared.connects_started.load(std::sync::atomic::Ordering::Relaxed), 1);
     }
 
     #[tokio::test]

@@ -99,3 +99,38 @@ async fn objects_spread_peer_to_peer_and_outsiders_get_nothing() {
         + metrics.sum("cachemesh_bytes_served_total", &[("source", "home")]);
     assert_eq!(from_mesh, 0.0, "the intruder got bytes through the mesh\n{}", metrics.text);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_holder_is_hedged_by_a_fast_one() {
+    // Goal: when a holder is slower than the hedge delay, the reader asks another holder
+    // as well and takes the first verified answer: the third node, with a slow holder
+    // (every chunk served after SLOW_SERVING) and a fast one, wins hedges, reads every byte
+    // right, and nothing comes from the origin.
+    const SLOW_SERVING: &str = "2000";
+    let seed = test_seed();
+    let shared = tempfile::tempdir().unwrap();
+    let origin = format!("file://{}", shared.path().join("origin").display());
+    let key = cluster_key(shared.path(), "cluster.key");
+    let slow = Daemon::start_with(
+        mesh_options(&origin, &key, "dc-a", None).with_args(&["--fault-slow-served-chunks-ms", SLOW_SERVING]),
+    )
+    .await;
+    let bootstrap = p2p_address(&slow).await;
+    let fast = Daemon::start_with(mesh_options(&origin, &key, "dc-a", Some(&bootstrap))).await;
+    let reader = Daemon::start_with(mesh_options(&origin, &key, "dc-a", Some(&bootstrap))).await;
+    wait_members(&[&slow, &fast, &reader], 2).await;
+
+    let (id, digest) = put_checked(&slow.client(), Pattern::new(seed), 6 * CHUNK).await;
+    // The fast node gets its copy first (from the slow one: its only holder).
+    assert_reads_back(&fast.client(), &id, &digest).await;
+    assert_reads_back(&reader.client(), &id, &digest).await;
+    let metrics = reader.metrics().await;
+    let from_mesh = metrics.sum("cachemesh_bytes_served_total", &[("source", "peer")])
+        + metrics.sum("cachemesh_bytes_served_total", &[("source", "home")]);
+    assert_eq!(from_mesh, digest.length() as f64, "bytes not from the mesh\n{}", metrics.text);
+    assert!(
+        metrics.sum("cachemesh_hedge_wins_total", &[]) >= 1.0,
+        "no hedge won against a holder {SLOW_SERVING} ms slow\n{}",
+        metrics.text
+    );
+}
