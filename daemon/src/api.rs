@@ -37,6 +37,9 @@ use crate::fetch::FetchError;
 use crate::objects::{Objects, OpenError, PinError, PutError};
 use crate::origin::OriginError;
 use crate::store::StoreError;
+use crate::volume::Volumes;
+
+mod volumes;
 
 /// Most bytes of a failed put's body read and discarded before answering.
 pub const PUT_ERROR_DRAIN_BYTES_MAX: u64 = 256 * 1024 * 1024;
@@ -142,6 +145,8 @@ impl From<PinError> for ApiError {
 pub struct ApiState {
     /// Objects over the store and origin.
     pub objects: Objects,
+    /// The volumes (path tables over objects).
+    pub volumes: Volumes,
     /// When the daemon started.
     pub started: Instant,
     /// The metrics registry.
@@ -160,6 +165,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/pins", get(list_pins))
         .route("/v1/peers", get(list_peers))
         .route("/metrics", get(render_metrics))
+        .merge(volumes::routes())
         .fallback(|| async { ApiError::new(ErrorCode::RouteNotFound, "no such route; see docs/api.md") })
         .method_not_allowed_fallback(|method: Method| async move {
             ApiError::new(ErrorCode::MethodNotAllowed, format!("method {method} is not allowed on this route"))
@@ -248,6 +254,17 @@ async fn get_object(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let id = parse_object_id(&id)?;
+    object_response(&state, &method, id, &headers).await
+}
+
+/// The answer to a GET or HEAD of object `id` (with its `Range`, if any), streaming. Shared
+/// by the object and volume file routes.
+async fn object_response(
+    state: &ApiState,
+    method: &Method,
+    id: ObjectId,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
     let manifest = Arc::new(state.objects.open(&id).await?);
     let length = manifest.length();
     let range = match headers.get(header::RANGE) {
@@ -283,7 +300,7 @@ async fn get_object(
     if let Some(range) = &range {
         builder = builder.header(header::CONTENT_RANGE, format!("bytes {}-{}/{length}", range.start, range.end - 1));
     }
-    let body = if method == Method::HEAD || byte_range.is_empty() {
+    let body = if *method == Method::HEAD || byte_range.is_empty() {
         Body::empty()
     } else {
         let mut pieces = Box::pin(state.objects.read(id, manifest, byte_range));

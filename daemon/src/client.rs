@@ -9,7 +9,10 @@ use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use cachemesh_proto::ObjectId;
-use cachemesh_proto::api::{ErrorBody, ErrorCode, PutObjectResponse, StatusResponse};
+use cachemesh_proto::api::{
+    ChangeResponse, ErrorBody, ErrorCode, FileEntry, ListFilesResponse, PrefetchRequest, PrefetchResponse,
+    PutFileResponse, PutObjectResponse, RenameRequest, StatusResponse,
+};
 use cachemesh_proto::limits::API_SOCKET_BUFFER_BYTES;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -149,6 +152,134 @@ impl Client {
         let status = response.status();
         let body = response.into_body().collect().await?.to_bytes();
         Err(api_error(status, &body))
+    }
+}
+
+/// Percent-encodes `text` for a URL: every byte but ASCII letters, digits, `-._~` (and
+/// `/` when `keep_slash`) becomes `%XX`, so any volume path survives the trip intact.
+pub fn percent_encode(text: &str, keep_slash: bool) -> String {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) || (keep_slash && byte == b'/') {
+            out.push(char::from(byte));
+        } else {
+            out.push('%');
+            out.push(char::from(HEX[usize::from(byte >> 4)]));
+            out.push(char::from(HEX[usize::from(byte & 0xf)]));
+        }
+    }
+    out
+}
+
+fn file_uri(volume: &str, route: &str, path: &str) -> String {
+    format!("/v1/volumes/{}/{route}/{}", percent_encode(volume, false), percent_encode(path, true))
+}
+
+impl Client {
+    async fn send_json<T: serde::de::DeserializeOwned>(
+        &self,
+        method: Method,
+        uri: &str,
+        body: Bytes,
+    ) -> Result<T, ClientError> {
+        let (status, body) = self.send_bytes(method, uri, body).await?;
+        parse_json(status, &body)
+    }
+
+    /// `PUT /v1/volumes/{volume}/files/{path}` with a streaming body.
+    pub async fn put_file<B>(&self, volume: &str, path: &str, body: B) -> Result<PutFileResponse, ClientError>
+    where
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let request = Request::builder()
+            .method(Method::PUT)
+            .uri(file_uri(volume, "files", path))
+            .header("host", "cachemesh")
+            .body(body)?;
+        let response = self.send(request).await?;
+        let status = response.status();
+        let body = response.into_body().collect().await?.to_bytes();
+        parse_json(status, &body)
+    }
+
+    /// `GET /v1/volumes/{volume}/files/{path}`, optionally with a `Range` header value; the
+    /// body streams.
+    pub async fn get_file(
+        &self,
+        volume: &str,
+        path: &str,
+        range: Option<&str>,
+    ) -> Result<Response<Incoming>, ClientError> {
+        let mut request =
+            Request::builder().method(Method::GET).uri(file_uri(volume, "files", path)).header("host", "cachemesh");
+        if let Some(range) = range {
+            request = request.header(http::header::RANGE, range);
+        }
+        let response = self.send(request.body(Full::new(Bytes::new()))?).await?;
+        if response.status().is_success() {
+            return Ok(response);
+        }
+        let status = response.status();
+        let body = response.into_body().collect().await?.to_bytes();
+        Err(api_error(status, &body))
+    }
+
+    /// `GET /v1/volumes/{volume}/stat/{path}`.
+    pub async fn stat_file(&self, volume: &str, path: &str) -> Result<FileEntry, ClientError> {
+        self.send_json(Method::GET, &file_uri(volume, "stat", path), Bytes::new()).await
+    }
+
+    /// `DELETE /v1/volumes/{volume}/files/{path}`.
+    pub async fn delete_file(&self, volume: &str, path: &str) -> Result<ChangeResponse, ClientError> {
+        self.send_json(Method::DELETE, &file_uri(volume, "files", path), Bytes::new()).await
+    }
+
+    /// `POST /v1/volumes/{volume}/rename`.
+    pub async fn rename_file(&self, volume: &str, from: &str, to: &str) -> Result<ChangeResponse, ClientError> {
+        let body = serde_json::to_vec(&RenameRequest { from: from.to_string(), to: to.to_string() })
+            .map_err(|error| ClientError::Unexpected { status: StatusCode::OK, detail: error.to_string() })?;
+        let uri = format!("/v1/volumes/{}/rename", percent_encode(volume, false));
+        self.send_json(Method::POST, &uri, Bytes::from(body)).await
+    }
+
+    /// One page of `GET /v1/volumes/{volume}/files?prefix=..&after=..`.
+    pub async fn list_files(
+        &self,
+        volume: &str,
+        prefix: &str,
+        after: Option<&str>,
+    ) -> Result<ListFilesResponse, ClientError> {
+        let mut uri =
+            format!("/v1/volumes/{}/files?prefix={}", percent_encode(volume, false), percent_encode(prefix, false));
+        if let Some(after) = after {
+            uri.push_str(&format!("&after={}", percent_encode(after, false)));
+        }
+        self.send_json(Method::GET, &uri, Bytes::new()).await
+    }
+
+    /// Every file under `prefix`, following pages.
+    pub async fn list_all_files(&self, volume: &str, prefix: &str) -> Result<Vec<FileEntry>, ClientError> {
+        let mut entries = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = self.list_files(volume, prefix, after.as_deref()).await?;
+            entries.extend(page.entries);
+            match page.next_after {
+                Some(next) => after = Some(next),
+                None => return Ok(entries),
+            }
+        }
+    }
+
+    /// `POST /v1/volumes/{volume}/prefetch`: answers once every chunk is in the local cache.
+    pub async fn prefetch(&self, volume: &str, paths: Vec<String>) -> Result<PrefetchResponse, ClientError> {
+        let body = serde_json::to_vec(&PrefetchRequest { paths })
+            .map_err(|error| ClientError::Unexpected { status: StatusCode::OK, detail: error.to_string() })?;
+        let uri = format!("/v1/volumes/{}/prefetch", percent_encode(volume, false));
+        self.send_json(Method::POST, &uri, Bytes::from(body)).await
     }
 }
 

@@ -101,6 +101,9 @@ pub struct Settings {
     /// Upload budget for serving peers, e.g. 500MiB (per second); unlimited by default.
     #[arg(long, global = true, env = "CACHEMESH_UPLOAD_LIMIT", value_name = "RATE")]
     pub upload_limit: Option<ByteRate>,
+    /// Records between volume snapshots in the origin (a writer that appends a multiple of it writes one).
+    #[arg(long, global = true, env = "CACHEMESH_VOLUME_SNAPSHOT_INTERVAL", value_name = "RECORDS")]
+    pub volume_snapshot_interval: Option<u64>,
     /// Test-only fault: serve peers corrupt chunks (only in builds with the test-faults feature).
     #[cfg(feature = "test-faults")]
     #[arg(long, global = true, hide = true, value_name = "BOOL")]
@@ -197,6 +200,8 @@ pub struct Config {
     pub config_file: Option<PathBuf>,
     /// The mesh, when enabled.
     pub mesh: Option<MeshConfig>,
+    /// Records between volume snapshots.
+    pub volume_snapshot_interval_records: u64,
     /// Test-only fault switch; always false unless built with `test-faults`.
     pub fault_corrupt_served_chunks: bool,
     /// Test-only fault: delay before each chunk served to a peer; zero unless built with
@@ -338,6 +343,13 @@ impl Config {
             )));
         }
         let mesh = Self::resolve_mesh(&flags, &file)?;
+        let volume_snapshot_interval_records = flags
+            .volume_snapshot_interval
+            .or(file.volume_snapshot_interval)
+            .unwrap_or(crate::volume::VOLUME_SNAPSHOT_INTERVAL_RECORDS_DEFAULT);
+        if volume_snapshot_interval_records == 0 {
+            return Err(ConfigError::Invalid("volume_snapshot_interval must be at least 1 record".to_string()));
+        }
         let data_dir = flags.data_dir.or(file.data_dir).unwrap_or_else(default_data_dir);
         let data_dir = std::path::absolute(&data_dir).unwrap_or(data_dir);
         #[cfg(feature = "test-faults")]
@@ -351,6 +363,7 @@ impl Config {
         Ok(Self {
             mesh,
             fault_corrupt_served_chunks,
+            volume_snapshot_interval_records,
             fault_slow_served_chunks,
             api_socket: flags.api_socket.or(file.api_socket).unwrap_or_else(default_api_socket),
             origin: flags.origin.or(file.origin).unwrap_or_else(default_origin),

@@ -19,3 +19,4 @@ pub mod origin;
 pub mod placement;
 pub mod store;
 pub mod transport;
+pub mod volume;

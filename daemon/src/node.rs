@@ -20,6 +20,7 @@ use crate::mesh::{Mesh, MeshSettings, parse_listen_addr};
 use crate::objects::Objects;
 use crate::origin::Origin;
 use crate::store::{Store, StoreConfig};
+use crate::volume::{VolumeSettings, Volumes};
 
 /// How long open API connections may take to finish at shutdown.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -45,6 +46,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         Mesh::start(settings, fetcher.clone(), shutdown.clone()).await.context("starting the mesh")?;
     }
     let objects = Objects::new(fetcher);
+    crate::volume::describe_metrics();
+    let volumes = Volumes::open(
+        &config.data_dir,
+        origin.clone(),
+        objects.clone(),
+        VolumeSettings { snapshot_interval_records: config.volume_snapshot_interval_records },
+    )
+    .await
+    .with_context(|| format!("opening the volume views in {}", config.data_dir.display()))?;
     let listener = api::bind_socket(&config.api_socket)
         .with_context(|| format!("binding the API socket {}", config.api_socket.display()))?;
     let tracker = TaskTracker::new();
@@ -56,7 +66,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         tracker.spawn(crate::metrics::serve_tcp(listener, metrics.clone(), shutdown.clone()));
     }
     tracker.spawn(flush_recency_periodically(store.clone(), shutdown.clone()));
-    let state = ApiState { objects, started, metrics, shutdown: shutdown.clone() };
+    tracker.spawn(volumes.clone().run_tailer(shutdown.clone()));
+    let state = ApiState { objects, volumes, started, metrics, shutdown: shutdown.clone() };
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         api_socket = %config.api_socket.display(),

@@ -7,6 +7,8 @@
 //! Layout: chunks at `chunks/<chunk id>`, manifests at `objects/<object id>`. Both are
 //! written create-only (`PutMode::Create`): content addressing makes an existing key
 //! already right, so a lost race is success, and a chunk the origin has is not sent again.
+//! Volumes keep their logs and snapshots under `volumes/` (see `crate::volume`); for those
+//! keys a lost create race is *not* success, so [`Origin::create`] reports it.
 //!
 //! Invariants:
 //! - Every chunk and manifest read from the origin is hash-checked here; a mismatch is
@@ -261,6 +263,78 @@ impl Origin {
         let id = ObjectId::of(&encoded);
         self.put_create(manifest_key(&id), encoded).await?;
         Ok(id)
+    }
+}
+
+/// Outcome of [`Origin::create`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Created {
+    /// This call wrote the key.
+    Written,
+    /// The key existed already; nothing was written.
+    AlreadyExists,
+}
+
+impl Origin {
+    /// Writes `data` at `key` only if the key does not exist (one conditional put, no HEAD
+    /// first), and says which happened. The atomic step of a volume log append.
+    pub async fn create(&self, key: &str, data: Bytes) -> Result<Created, OriginError> {
+        let key = StorePath::from(key);
+        let _permit = self.permit().await;
+        let started = Instant::now();
+        let length = data.len() as u64;
+        metrics::counter!("cachemesh_origin_requests_total", "op" => "put").increment(1);
+        let options = PutOptions { mode: PutMode::Create, ..PutOptions::default() };
+        let result = self.store.put_opts(&key, PutPayload::from_bytes(data), options).await;
+        metrics::histogram!("cachemesh_origin_request_seconds", "op" => "put").record(started.elapsed().as_secs_f64());
+        match result {
+            Ok(_) => {
+                metrics::counter!("cachemesh_origin_bytes_total", "direction" => "upload").increment(length);
+                Ok(Created::Written)
+            }
+            Err(object_store::Error::AlreadyExists { .. }) => Ok(Created::AlreadyExists),
+            Err(source) => {
+                metrics::counter!("cachemesh_origin_errors_total", "op" => "put").increment(1);
+                Err(OriginError::Unavailable { key: key.to_string(), source })
+            }
+        }
+    }
+
+    /// The value at `key`, refused with [`OriginError::TooLarge`] before its body is read
+    /// when it is over `limit` bytes. Not hash-checked: the caller validates it.
+    pub async fn get_value(&self, key: &str, limit: u64) -> Result<Bytes, OriginError> {
+        self.get_bounded(&StorePath::from(key), limit).await
+    }
+
+    /// The greatest key under `prefix` (keys compared as strings), or `None` when there is
+    /// none. Streams the listing, so memory stays constant however many keys there are.
+    pub async fn last_key(&self, prefix: &str) -> Result<Option<String>, OriginError> {
+        use futures::TryStreamExt;
+        let prefix = StorePath::from(prefix);
+        let _permit = self.permit().await;
+        let started = Instant::now();
+        metrics::counter!("cachemesh_origin_requests_total", "op" => "list").increment(1);
+        let mut listing = self.store.list(Some(&prefix));
+        let mut last: Option<String> = None;
+        let result = async {
+            while let Some(meta) = listing.try_next().await? {
+                let key = meta.location.to_string();
+                if last.as_ref().is_none_or(|last| key > *last) {
+                    last = Some(key);
+                }
+            }
+            Ok::<_, object_store::Error>(())
+        }
+        .await;
+        metrics::histogram!("cachemesh_origin_request_seconds", "op" => "list").record(started.elapsed().as_secs_f64());
+        match result {
+            Ok(()) => Ok(last),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(source) => {
+                metrics::counter!("cachemesh_origin_errors_total", "op" => "list").increment(1);
+                Err(OriginError::Unavailable { key: prefix.to_string(), source })
+            }
+        }
     }
 }
 

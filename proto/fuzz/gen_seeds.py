@@ -88,3 +88,22 @@ write("api_json", "status_response", json.dumps({
         "evicted_chunks": 0,
     },
 }))
+
+# volume_record: valid records of each op, a snapshot of two entries, and a path.
+def vpath(text):
+    raw = text.encode()
+    return struct.pack("<H", len(raw)) + raw
+
+
+def record(op, seq, body):
+    return b"CMVR" + bytes([1, op, 0, 0]) + struct.pack("<QQQ", seq, 1_700_000_000_000, 42) + body
+
+
+OBJECT_BYTES = bytes.fromhex(OBJECT_ID)
+write("volume_record", "put", record(1, 1, vpath("models/llama/weights.bin") + OBJECT_BYTES + struct.pack("<Q", 10485760)))
+write("volume_record", "rename", record(2, 2, vpath("tmp/upload") + vpath("models/final")))
+write("volume_record", "delete", record(3, 3, vpath("a")))
+write("volume_record", "snapshot", b"CMVS" + bytes([1, 0, 0, 0]) + struct.pack("<QI", 5, 2)
+      + vpath("a/b") + OBJECT_BYTES + struct.pack("<QQQ", 3, 1_700_000_000_000, 1)
+      + vpath("a/c") + OBJECT_BYTES + struct.pack("<QQQ", 0, 1_700_000_000_001, 5))
+write("volume_record", "path_text", "models/llama/weights.bin")

@@ -44,13 +44,31 @@ pub enum ErrorCode {
     ShuttingDown,
     /// A fault inside the daemon; details are in its log.
     Internal,
+    /// A volume name is not `[a-z0-9][a-z0-9._-]*` of at most `VOLUME_NAME_BYTES_MAX` bytes.
+    BadVolumeName,
+    /// A path inside a volume is malformed (empty, `.`/`..`/empty segments, NUL, too long).
+    BadPath,
+    /// No file at this path in the volume.
+    FileNotFound,
+    /// The path collides with the file tree: a file is where a directory is needed, or
+    /// the path is a directory (other files are under it).
+    PathConflict,
+    /// Other writers kept winning the race for the volume's next record; retry later.
+    VolumeConflict,
+    /// The volume holds `VOLUME_FILES_MAX` files already.
+    VolumeFull,
+    /// This node follows as many volumes as it may (`VOLUMES_OPEN_MAX`).
+    TooManyVolumes,
 }
 
 impl ErrorCode {
     /// The HTTP status this code is sent with.
     pub fn http_status(self) -> u16 {
         match self {
-            Self::RouteNotFound | Self::ObjectNotFound => 404,
+            Self::RouteNotFound | Self::ObjectNotFound | Self::FileNotFound => 404,
+            Self::BadVolumeName | Self::BadPath => 400,
+            Self::PathConflict | Self::VolumeConflict | Self::VolumeFull => 409,
+            Self::TooManyVolumes => 503,
             Self::MethodNotAllowed => 405,
             Self::BadObjectId | Self::BadRange | Self::BadRequest | Self::BodyIncomplete => 400,
             Self::RangeNotSatisfiable => 416,
@@ -81,6 +99,13 @@ impl ErrorCode {
             Self::InsufficientStorage => "insufficient_storage",
             Self::ShuttingDown => "shutting_down",
             Self::Internal => "internal",
+            Self::BadVolumeName => "bad_volume_name",
+            Self::BadPath => "bad_path",
+            Self::FileNotFound => "file_not_found",
+            Self::PathConflict => "path_conflict",
+            Self::VolumeConflict => "volume_conflict",
+            Self::VolumeFull => "volume_full",
+            Self::TooManyVolumes => "too_many_volumes",
         }
     }
 }
@@ -201,4 +226,93 @@ pub struct StoreStatus {
     pub manifest_count: u64,
     /// Chunks evicted since start.
     pub evicted_chunks: u64,
+}
+
+/// Answer to `PUT /v1/volumes/{volume}/files/{path}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PutFileResponse {
+    /// The volume.
+    pub volume: String,
+    /// The path written.
+    pub path: String,
+    /// The object the path now names.
+    pub object_id: ObjectId,
+    /// Its length in bytes.
+    pub size: u64,
+    /// The sequence number of the log record that made the change.
+    pub seq: u64,
+    /// How many of the object's chunks the origin did not have yet and were uploaded.
+    pub chunks_uploaded: u64,
+}
+
+/// One file of a volume (answer to `GET /v1/volumes/{volume}/stat/{path}`, and an entry of
+/// a listing).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    /// The path.
+    pub path: String,
+    /// The object it names.
+    pub object_id: ObjectId,
+    /// Its length in bytes.
+    pub size: u64,
+    /// When its content was written, in milliseconds since the Unix epoch (kept by renames).
+    pub modified_at_ms: u64,
+    /// The sequence number of the record that last changed this path.
+    pub seq: u64,
+}
+
+/// Answer to `GET /v1/volumes/{volume}/files?prefix=P&after=A&limit=N`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListFilesResponse {
+    /// The volume.
+    pub volume: String,
+    /// The last record this node's view of the volume holds.
+    pub seq: u64,
+    /// Files whose path starts with the prefix, in byte order of path.
+    pub entries: Vec<FileEntry>,
+    /// When more entries follow: pass it as `after` to get the next page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_after: Option<String>,
+}
+
+/// Body of `POST /v1/volumes/{volume}/rename`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenameRequest {
+    /// The file to move (must exist).
+    pub from: String,
+    /// Where it goes (a file there is replaced).
+    pub to: String,
+}
+
+/// Answer to a rename or a delete: the record that made the change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangeResponse {
+    /// The volume.
+    pub volume: String,
+    /// The sequence number of the log record.
+    pub seq: u64,
+}
+
+/// Body of `POST /v1/volumes/{volume}/prefetch`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrefetchRequest {
+    /// Files or directories (every file under them); `""` is the whole volume.
+    pub paths: Vec<String>,
+}
+
+/// Answer to `POST /v1/volumes/{volume}/prefetch`, once every chunk is in the local cache.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrefetchResponse {
+    /// Files warmed.
+    pub files: u64,
+    /// Their bytes.
+    pub bytes: u64,
+    /// Their chunks.
+    pub chunks: u64,
+    /// Chunks that were already in the local cache.
+    pub chunks_local: u64,
+    /// Chunks fetched (from peers, home nodes or the origin).
+    pub chunks_fetched: u64,
 }

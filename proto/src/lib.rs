@@ -2,7 +2,8 @@
 //!
 //! This crate holds the ids ([`ChunkId`], [`ObjectId`]), the object [`Manifest`] and its
 //! canonical binary encoding, the local API's request/response/error types ([`api`]), the
-//! HTTP `Range` grammar the API accepts ([`range`]), and every limit as a named constant
+//! HTTP `Range` grammar the API accepts ([`range`]), volume names, paths, log records
+//! and snapshots ([`volume`]), and every limit as a named constant
 //! ([`limits`]).
 //!
 //! Non-goals: sockets, files, clocks, async runtimes. Everything here is pure encode and
@@ -21,6 +22,7 @@ mod id;
 pub mod limits;
 mod manifest;
 pub mod range;
+pub mod volume;
 
 pub use id::{ChunkId, IdParseError, ObjectId};
 pub use manifest::{Manifest, ManifestError};

@@ -58,3 +58,50 @@ pub const HAVE_SET_BYTES_MAX: usize = (OBJECT_CHUNKS_MAX as usize).div_ceil(8);
 
 const _: () = assert!(DC_NAME_BYTES_MAX < 256, "dc length is one byte on the wire");
 const _: () = assert!(FRAME_MESSAGE_BYTES_MAX <= u16::MAX as usize);
+
+/// Longest volume name, in bytes (`[a-z0-9][a-z0-9._-]*`).
+pub const VOLUME_NAME_BYTES_MAX: usize = 63;
+
+/// Longest path inside a volume, in bytes (segments and the `/` between them).
+pub const VOLUME_PATH_BYTES_MAX: usize = 1024;
+
+/// Longest segment of a volume path, in bytes.
+pub const VOLUME_PATH_SEGMENT_BYTES_MAX: usize = 255;
+
+/// Most files one volume holds; a put of a new path past it is refused (`volume_full`).
+pub const VOLUME_FILES_MAX: u32 = 250_000;
+
+/// Length of a volume log record's fixed header in bytes.
+pub const VOLUME_RECORD_HEADER_BYTES: usize = 32;
+
+/// Largest encoded volume log record: a header plus a rename of two longest paths (larger
+/// than a put: one path, an id and a size).
+pub const VOLUME_RECORD_BYTES_MAX: usize = VOLUME_RECORD_HEADER_BYTES + 2 * (2 + VOLUME_PATH_BYTES_MAX);
+
+/// Length of a volume snapshot's fixed header in bytes.
+pub const VOLUME_SNAPSHOT_HEADER_BYTES: usize = 20;
+
+/// Largest encoded snapshot entry: a longest path, an object id, size, time and sequence.
+pub const VOLUME_SNAPSHOT_ENTRY_BYTES_MAX: usize = 2 + VOLUME_PATH_BYTES_MAX + ID_BYTES + 3 * 8;
+
+/// Largest encoded volume snapshot: [`VOLUME_FILES_MAX`] longest entries.
+pub const VOLUME_SNAPSHOT_BYTES_MAX: usize =
+    VOLUME_SNAPSHOT_HEADER_BYTES + VOLUME_FILES_MAX as usize * VOLUME_SNAPSHOT_ENTRY_BYTES_MAX;
+
+/// Most entries one answer of a volume listing holds (`limit` is capped at it).
+pub const VOLUME_LIST_ENTRIES_MAX: usize = 1000;
+
+/// Most paths one prefetch request names.
+pub const VOLUME_PREFETCH_PATHS_MAX: usize = 256;
+
+/// Largest JSON request body of the volume routes (rename, prefetch).
+pub const VOLUME_REQUEST_BODY_BYTES_MAX: usize = 2 * 1024 * 1024;
+
+const _: () = assert!(VOLUME_PATH_SEGMENT_BYTES_MAX <= VOLUME_PATH_BYTES_MAX);
+const _: () = assert!(VOLUME_PATH_BYTES_MAX <= u16::MAX as usize, "path length is a u16 in records");
+const _: () = assert!(VOLUME_RECORD_BYTES_MAX >= VOLUME_RECORD_HEADER_BYTES + 2 + VOLUME_PATH_BYTES_MAX + ID_BYTES + 8);
+// A prefetch body of the most paths, each longest and fully escaped (`\u00XX`), fits.
+const _: () =
+    assert!(VOLUME_PREFETCH_PATHS_MAX * (6 * VOLUME_PATH_BYTES_MAX + 8) + 64 <= VOLUME_REQUEST_BODY_BYTES_MAX);
+// A volume path fits a request head even when every byte is percent-encoded.
+const _: () = assert!(3 * VOLUME_PATH_BYTES_MAX + 3 * VOLUME_NAME_BYTES_MAX + 256 <= API_HEADER_BYTES_MAX);

@@ -8,6 +8,7 @@ use anyhow::{Context, bail};
 use bytes::Bytes;
 use cachemesh_daemon::client::{Client, ClientError};
 use cachemesh_proto::ObjectId;
+use cachemesh_proto::api::{FileEntry, PrefetchResponse};
 use clap::{Parser, Subcommand};
 use futures::StreamExt;
 use http_body_util::{BodyExt, StreamBody};
@@ -62,10 +63,84 @@ enum Command {
         /// The object id.
         id: String,
     },
+    /// Files of a volume: list, upload, download, move, remove, stat.
+    Files {
+        /// The volume.
+        #[arg(long, env = "CACHEMESH_VOLUME", value_name = "VOLUME")]
+        volume: String,
+        #[command(subcommand)]
+        command: FilesCommand,
+    },
+    /// Warm files or directories of a volume into the local cache, in parallel.
+    Prefetch {
+        /// The volume.
+        #[arg(long, env = "CACHEMESH_VOLUME", value_name = "VOLUME")]
+        volume: String,
+        /// Files or directories (every file under them) to warm.
+        #[arg(required = true, value_name = "PATH")]
+        paths: Vec<String>,
+        /// Print the totals as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Manage the cluster credential that admits nodes to the mesh.
     ClusterKey {
         #[command(subcommand)]
         command: ClusterKeyCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum FilesCommand {
+    /// List the files under a directory (every file of the volume without one), with sizes
+    /// and modification times.
+    Ls {
+        /// A directory (or a file) of the volume.
+        path: Option<String>,
+        /// Print the entries as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Store a local file (`-` for standard input) at a path of the volume.
+    Upload {
+        /// The local file.
+        file: PathBuf,
+        /// The path in the volume.
+        path: String,
+        /// Print the full answer as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a file of the volume to a local file or standard output.
+    Download {
+        /// The path in the volume.
+        path: String,
+        /// Output file (default: standard output).
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
+        /// Only these bytes, as an HTTP range: `0-1023`, `4096-` or `-512`.
+        #[arg(long, value_name = "RANGE")]
+        range: Option<String>,
+    },
+    /// Rename a file atomically; a file at the target is replaced.
+    Mv {
+        /// The file.
+        from: String,
+        /// Its new path.
+        to: String,
+    },
+    /// Remove a file.
+    Rm {
+        /// The file.
+        path: String,
+    },
+    /// Show a file's size, object, time and sequence number.
+    Stat {
+        /// The file.
+        path: String,
+        /// Print it as JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -109,7 +184,15 @@ fn parse_id(text: &str) -> anyhow::Result<ObjectId> {
     text.parse().with_context(|| format!("{text:?} is not an object id"))
 }
 
-async fn put(client: &Client, file: &Path, json: bool) -> anyhow::Result<()> {
+type UploadBody = StreamBody<
+    futures::stream::Map<
+        tokio_util::io::ReaderStream<Box<dyn tokio::io::AsyncRead + Send + Unpin>>,
+        Box<dyn FnMut(std::io::Result<Bytes>) -> std::io::Result<hyper::body::Frame<Bytes>> + Send>,
+    >,
+>;
+
+/// A streaming body of `file` (`-` for standard input) that advances a progress bar.
+async fn upload_body(file: &Path, label: &'static str) -> anyhow::Result<(UploadBody, ProgressBar)> {
     let (reader, length): (Box<dyn tokio::io::AsyncRead + Send + Unpin>, Option<u64>) = if file == Path::new("-") {
         (Box::new(tokio::io::stdin()), None)
     } else {
@@ -117,15 +200,22 @@ async fn put(client: &Client, file: &Path, json: bool) -> anyhow::Result<()> {
         let length = opened.metadata().await.ok().map(|metadata| metadata.len());
         (Box::new(opened), length)
     };
-    let bar = progress(length, "put");
+    let bar = progress(length, label);
     let counted = bar.clone();
-    let stream = tokio_util::io::ReaderStream::with_capacity(reader, PUT_READ_BYTES).map(move |frame| {
-        frame.map(|bytes: Bytes| {
-            counted.inc(bytes.len() as u64);
-            hyper::body::Frame::data(bytes)
-        })
-    });
-    let answer = client.put_object(StreamBody::new(stream)).await;
+    let count: Box<dyn FnMut(std::io::Result<Bytes>) -> std::io::Result<hyper::body::Frame<Bytes>> + Send> =
+        Box::new(move |frame| {
+            frame.map(|bytes: Bytes| {
+                counted.inc(bytes.len() as u64);
+                hyper::body::Frame::data(bytes)
+            })
+        });
+    let stream = tokio_util::io::ReaderStream::with_capacity(reader, PUT_READ_BYTES).map(count);
+    Ok((StreamBody::new(stream), bar))
+}
+
+async fn put(client: &Client, file: &Path, json: bool) -> anyhow::Result<()> {
+    let (body, bar) = upload_body(file, "put").await?;
+    let answer = client.put_object(body).await;
     bar.finish_and_clear();
     let answer = answer?;
     if json {
@@ -140,9 +230,19 @@ async fn get(client: &Client, id: &str, output: Option<&Path>, range: Option<&st
     let id = parse_id(id)?;
     let range = range.map(|range| format!("bytes={range}"));
     let response = client.get_object(&id, range.as_deref()).await?;
+    save(response, output, "get").await
+}
+
+/// Writes a streaming answer to `output` (a temp file renamed at the end; special files in
+/// place) or standard output, with a progress bar.
+async fn save(
+    response: http::Response<hyper::body::Incoming>,
+    output: Option<&Path>,
+    label: &'static str,
+) -> anyhow::Result<()> {
     let length =
         response.headers().get(http::header::CONTENT_LENGTH).and_then(|value| value.to_str().ok()?.parse().ok());
-    let bar = progress(length, "get");
+    let bar = progress(length, label);
     // Special files (/dev/null, a FIFO, a terminal) are written in place: renaming a temp
     // file over them would replace the device itself.
     let special = output.is_some_and(|path| std::fs::metadata(path).is_ok_and(|metadata| !metadata.is_file()));
@@ -240,6 +340,136 @@ async fn pin(client: &Client, id: &str, pin: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `2026-01-02T03:04:05Z` for milliseconds since the Unix epoch (UTC).
+fn format_time_ms(ms: u64) -> String {
+    let seconds = ms / 1000;
+    let (days, rest) = ((seconds / 86_400) as i64, seconds % 86_400);
+    // Days to a civil date (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rest / 3600, rest % 3600 / 60, rest % 60)
+}
+
+fn print_entry(entry: &FileEntry) {
+    println!("{:>15}  {}  {}", entry.size, format_time_ms(entry.modified_at_ms), entry.path);
+}
+
+/// The files a path names: the file itself, or every file under it as a directory.
+async fn files_named(client: &Client, volume: &str, path: &str) -> anyhow::Result<Vec<FileEntry>> {
+    let path = path.trim_end_matches('/');
+    let prefix = if path.is_empty() { String::new() } else { format!("{path}/") };
+    let mut entries = client.list_all_files(volume, &prefix).await?;
+    if entries.is_empty() && !path.is_empty() {
+        entries.push(client.stat_file(volume, path).await?);
+    }
+    Ok(entries)
+}
+
+async fn files(client: &Client, volume: &str, command: FilesCommand) -> anyhow::Result<()> {
+    match command {
+        FilesCommand::Ls { path, json } => {
+            let entries = files_named(client, volume, path.as_deref().unwrap_or("")).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&entries)?);
+            } else {
+                entries.iter().for_each(print_entry);
+            }
+        }
+        FilesCommand::Upload { file, path, json } => {
+            let (body, bar) = upload_body(&file, "upload").await?;
+            let answer = client.put_file(volume, &path, body).await;
+            bar.finish_and_clear();
+            let answer = answer?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&answer)?);
+            } else {
+                println!("{} {} bytes, object {}, seq {}", answer.path, answer.size, answer.object_id, answer.seq);
+            }
+        }
+        FilesCommand::Download { path, output, range } => {
+            let range = range.map(|range| format!("bytes={range}"));
+            let response = client.get_file(volume, &path, range.as_deref()).await?;
+            save(response, output.as_deref(), "download").await?;
+        }
+        FilesCommand::Mv { from, to } => {
+            let answer = client.rename_file(volume, &from, &to).await?;
+            println!("{from} -> {to}, seq {}", answer.seq);
+        }
+        FilesCommand::Rm { path } => {
+            let answer = client.delete_file(volume, &path).await?;
+            println!("removed {path}, seq {}", answer.seq);
+        }
+        FilesCommand::Stat { path, json } => {
+            let entry = client.stat_file(volume, &path).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&entry)?);
+            } else {
+                println!("path:      {}", entry.path);
+                println!("size:      {} ({})", entry.size, human_bytes(entry.size));
+                println!("modified:  {}", format_time_ms(entry.modified_at_ms));
+                println!("object:    {}", entry.object_id);
+                println!("seq:       {}", entry.seq);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Files warmed at once by `prefetch` (each one request; the daemon fetches its chunks in
+/// parallel too).
+const PREFETCH_FILES_PARALLEL: usize = 4;
+
+async fn prefetch(client: &Client, volume: &str, paths: &[String], json: bool) -> anyhow::Result<()> {
+    let mut files = std::collections::BTreeMap::new();
+    for path in paths {
+        for entry in files_named(client, volume, path).await? {
+            files.insert(entry.path.clone(), entry.size);
+        }
+    }
+    let started = std::time::Instant::now();
+    let bar = progress(Some(files.values().sum()), "prefetch");
+    let mut total = PrefetchResponse { files: 0, bytes: 0, chunks: 0, chunks_local: 0, chunks_fetched: 0 };
+    let mut warming = futures::stream::iter(files)
+        .map(|(path, size)| async move { (client.prefetch(volume, vec![path]).await, size) })
+        .buffer_unordered(PREFETCH_FILES_PARALLEL);
+    while let Some((answer, size)) = warming.next().await {
+        let answer = match answer {
+            Ok(answer) => answer,
+            Err(error) => {
+                bar.finish_and_clear();
+                return Err(error.into());
+            }
+        };
+        bar.inc(size);
+        total.files += answer.files;
+        total.bytes += answer.bytes;
+        total.chunks += answer.chunks;
+        total.chunks_local += answer.chunks_local;
+        total.chunks_fetched += answer.chunks_fetched;
+    }
+    bar.finish_and_clear();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&total)?);
+    } else {
+        println!(
+            "warmed {} files, {} in {:.1} s ({} chunks fetched, {} already cached)",
+            total.files,
+            human_bytes(total.bytes),
+            started.elapsed().as_secs_f64(),
+            total.chunks_fetched,
+            total.chunks_local
+        );
+    }
+    Ok(())
+}
+
 fn cluster_key_new(file: &Path) -> anyhow::Result<()> {
     let key = cachemesh_daemon::identity::ClusterKey::generate(file)?;
     println!("wrote a new cluster key to {} (fingerprint {})", file.display(), key.fingerprint());
@@ -258,6 +488,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status { json } => status(&client, json).await,
         Command::Pin { id } => pin(&client, &id, true).await,
         Command::Unpin { id } => pin(&client, &id, false).await,
+        Command::Files { volume, command } => files(&client, &volume, command).await,
+        Command::Prefetch { volume, paths, json } => prefetch(&client, &volume, &paths, json).await,
         Command::ClusterKey { command: ClusterKeyCommand::New { file } } => cluster_key_new(&file),
     }
 }
