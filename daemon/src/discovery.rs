@@ -1021,6 +1021,9 @@ pub struct DiscoveryStats {
     pub kad_inbound_requests: u64,
     /// Kademlia queries (lookups, publications, bootstraps) finished since start.
     pub kad_outbound_queries: u64,
+    /// Kademlia requests those finished queries sent to peers (a publication is a
+    /// closest-peers lookup plus one ADD_PROVIDER per closest peer).
+    pub kad_outbound_requests: u64,
 }
 
 enum Command {
@@ -1128,6 +1131,7 @@ impl Discovery {
             last_announce: None,
             kad_inbound_requests: 0,
             kad_outbound_queries: 0,
+            kad_outbound_requests: 0,
         };
         let guard = stopped.clone().drop_guard();
         tokio::spawn(async move {
@@ -1283,6 +1287,7 @@ struct Actor {
     last_announce: Option<Instant>,
     kad_inbound_requests: u64,
     kad_outbound_queries: u64,
+    kad_outbound_requests: u64,
 }
 
 impl Actor {
@@ -1372,6 +1377,7 @@ impl Actor {
             members: self.membership.len(),
             kad_inbound_requests: self.kad_inbound_requests,
             kad_outbound_queries: self.kad_outbound_queries,
+            kad_outbound_requests: self.kad_outbound_requests,
         }
     }
 
@@ -1584,9 +1590,12 @@ impl Actor {
                 };
                 metrics::counter!("cachemesh_dht_inbound_requests_total", "kind" => kind).increment(1);
             }
-            kad::Event::OutboundQueryProgressed { id, result, step, .. } => {
+            kad::Event::OutboundQueryProgressed { id, result, step, stats } => {
                 if step.last {
                     self.kad_outbound_queries += 1;
+                    // On the last step the stats cover the whole query, both phases of a
+                    // publication included.
+                    self.kad_outbound_requests += u64::from(stats.num_requests());
                     let kind = match &result {
                         QueryResult::Bootstrap(_) => "bootstrap",
                         QueryResult::GetClosestPeers(_) => "get_closest_peers",
@@ -2103,6 +2112,7 @@ mod tests {
         assert!(a_stats.connected_peers >= 2, "{a_stats:?}");
         let c_stats = c.discovery.stats().await;
         assert!(c_stats.kad_outbound_queries > 0 && c_stats.members == 2, "{c_stats:?}");
+        assert!(c_stats.kad_outbound_requests > 0, "a lookup that found A sent requests: {c_stats:?}");
 
         // A stranger: same DC name, another key, bootstrapping from A.
         let stranger = start_node("dc1", rand::random(), vec![via_a], 7004).await;
