@@ -323,6 +323,11 @@ impl Mesh {
         Ok(mesh)
     }
 
+    /// The discovery service: membership, provider records, volume head announcements.
+    pub fn discovery(&self) -> &Discovery {
+        &self.discovery
+    }
+
     async fn announce_held_objects(self: Arc<Self>, fetcher: Fetcher) {
         let objects = match fetcher.store().manifest_ids().await {
             Ok(objects) => objects,

@@ -7,6 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use cachemesh_proto::volume::VolumeHead;
+use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -41,10 +43,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     .await
     .with_context(|| format!("opening the chunk store in {}", config.data_dir.display()))?;
     let fetcher = Fetcher::new(store.clone(), origin.clone());
-    if let Some(mesh_config) = &config.mesh {
-        let settings = mesh_settings(&config, mesh_config)?;
-        Mesh::start(settings, fetcher.clone(), shutdown.clone()).await.context("starting the mesh")?;
-    }
+    let mesh = match &config.mesh {
+        Some(mesh_config) => {
+            let settings = mesh_settings(&config, mesh_config)?;
+            Some(Mesh::start(settings, fetcher.clone(), shutdown.clone()).await.context("starting the mesh")?)
+        }
+        None => None,
+    };
     let objects = Objects::new(fetcher);
     crate::volume::describe_metrics();
     let volumes = Volumes::open(
@@ -67,6 +72,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     }
     tracker.spawn(flush_recency_periodically(store.clone(), shutdown.clone()));
     tracker.spawn(volumes.clone().run_tailer(shutdown.clone()));
+    if let Some(mesh) = &mesh {
+        let discovery = mesh.discovery().clone();
+        volumes.set_announcer(Arc::new(move |volume, seq| {
+            discovery.announce_volume_head(VolumeHead { volume: volume.clone(), seq });
+        }));
+        tracker.spawn(follow_volume_heads(mesh.discovery().volume_heads(), volumes.clone(), shutdown.clone()));
+    }
     let state = ApiState { objects, volumes, started, metrics, shutdown: shutdown.clone() };
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
@@ -127,6 +139,28 @@ async fn flush_recency_periodically(store: Store, shutdown: CancellationToken) {
                     tracing::warn!(%error, "could not write back last-use times");
                 }
             }
+        }
+    }
+}
+
+/// Passes volume heads announced by other nodes of the DC to the volumes, until shutdown.
+async fn follow_volume_heads(
+    mut heads: broadcast::Receiver<VolumeHead>,
+    volumes: Volumes,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let head = tokio::select! {
+            () = shutdown.cancelled() => return,
+            head = heads.recv() => head,
+        };
+        match head {
+            Ok(head) => volumes.nudge(&head.volume, head.seq),
+            // Missed heads are caught up by the poll.
+            Err(broadcast::error::RecvError::Lagged(missed)) => {
+                tracing::debug!(missed, "volume head announcements dropped behind a slow reader");
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
         }
     }
 }

@@ -89,7 +89,8 @@ write("api_json", "status_response", json.dumps({
     },
 }))
 
-# volume_record: valid records of each op, a snapshot of two entries, and a path.
+# volume_record: valid records of each op, a snapshot of two entries, a head announcement
+# and a path.
 def vpath(text):
     raw = text.encode()
     return struct.pack("<H", len(raw)) + raw
@@ -107,3 +108,4 @@ write("volume_record", "snapshot", b"CMVS" + bytes([1, 0, 0, 0]) + struct.pack("
       + vpath("a/b") + OBJECT_BYTES + struct.pack("<QQQ", 3, 1_700_000_000_000, 1)
       + vpath("a/c") + OBJECT_BYTES + struct.pack("<QQQ", 0, 1_700_000_000_001, 5))
 write("volume_record", "path_text", "models/llama/weights.bin")
+write("volume_record", "head", b"CMVH" + bytes([1, 6]) + b"team-a" + struct.pack("<Q", 42))

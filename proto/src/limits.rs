@@ -94,6 +94,10 @@ pub const VOLUME_LIST_ENTRIES_MAX: usize = 1000;
 /// Most paths one prefetch request names.
 pub const VOLUME_PREFETCH_PATHS_MAX: usize = 256;
 
+/// Bytes of an encoded volume head announcement: magic, version, name length, the longest
+/// name, sequence.
+pub const VOLUME_HEAD_BYTES_MAX: usize = 4 + 1 + 1 + VOLUME_NAME_BYTES_MAX + 8;
+
 /// Largest JSON request body of the volume routes (rename, prefetch).
 pub const VOLUME_REQUEST_BODY_BYTES_MAX: usize = 2 * 1024 * 1024;
 

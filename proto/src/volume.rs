@@ -37,19 +37,33 @@
 //! Entries are in strictly increasing byte order of their paths, and each entry's sequence
 //! is between 1 and the snapshot's. Both encodings are canonical: anything that decodes
 //! re-encodes to the same bytes.
+//!
+//! Head announcement encoding (version 1), what a node tells its datacenter after it
+//! appended a record, so that other nodes catch up at once instead of at their next poll:
+//!
+//! | offset | size | field |
+//! |---|---|---|
+//! | 0 | 4 | magic `CMVH` |
+//! | 4 | 1 | version, `1` |
+//! | 5 | 1 | name length `n`, 1 to [`VOLUME_NAME_BYTES_MAX`] |
+//! | 6 | n | the [`VolumeName`] |
+//! | 6 + n | 8 | sequence number of the record appended (at least 1) |
+//!
+//! An announcement is only a hint: a receiver reads the records themselves from the origin.
 
 use std::fmt;
 use std::str::FromStr;
 
 use crate::ObjectId;
 use crate::limits::{
-    ID_BYTES, OBJECT_BYTES_MAX, VOLUME_FILES_MAX, VOLUME_NAME_BYTES_MAX, VOLUME_PATH_BYTES_MAX,
+    ID_BYTES, OBJECT_BYTES_MAX, VOLUME_FILES_MAX, VOLUME_HEAD_BYTES_MAX, VOLUME_NAME_BYTES_MAX, VOLUME_PATH_BYTES_MAX,
     VOLUME_PATH_SEGMENT_BYTES_MAX, VOLUME_RECORD_BYTES_MAX, VOLUME_RECORD_HEADER_BYTES, VOLUME_SNAPSHOT_BYTES_MAX,
     VOLUME_SNAPSHOT_HEADER_BYTES,
 };
 
 const RECORD_MAGIC: [u8; 4] = *b"CMVR";
 const SNAPSHOT_MAGIC: [u8; 4] = *b"CMVS";
+const HEAD_MAGIC: [u8; 4] = *b"CMVH";
 const VERSION: u8 = 1;
 const OP_PUT: u8 = 1;
 const OP_RENAME: u8 = 2;
@@ -335,6 +349,12 @@ pub enum VolumeCodecError {
     /// Sequence number 0.
     #[error("sequence numbers start at 1")]
     ZeroSeq,
+    /// The volume name inside is not valid.
+    #[error("bad volume name: {0}")]
+    BadName(#[from] VolumeNameError),
+    /// The volume name inside is not UTF-8.
+    #[error("a volume name is not UTF-8")]
+    NameNotUtf8,
     /// A path inside is not a valid path.
     #[error("bad path in a volume record: {0}")]
     BadPath(#[from] VolumePathError),
@@ -580,6 +600,57 @@ impl Snapshot {
     }
 }
 
+/// A node's announcement that `volume`'s log has a record at `seq`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeHead {
+    /// The volume.
+    pub volume: VolumeName,
+    /// The sequence number of the record appended.
+    pub seq: u64,
+}
+
+impl VolumeHead {
+    /// The canonical encoding.
+    pub fn encode(&self) -> Vec<u8> {
+        let name = self.volume.as_str().as_bytes();
+        let mut out = Vec::with_capacity(VOLUME_HEAD_BYTES_MAX);
+        out.extend_from_slice(&HEAD_MAGIC);
+        out.push(VERSION);
+        // A VolumeName is at most VOLUME_NAME_BYTES_MAX (63) bytes.
+        out.push(name.len() as u8);
+        out.extend_from_slice(name);
+        out.extend_from_slice(&self.seq.to_le_bytes());
+        out
+    }
+
+    /// Decodes a whole announcement; the length is checked against
+    /// [`VOLUME_HEAD_BYTES_MAX`] first and the name is validated.
+    pub fn decode(bytes: &[u8]) -> Result<Self, VolumeCodecError> {
+        const WHAT: &str = "head";
+        if bytes.len() > VOLUME_HEAD_BYTES_MAX {
+            return Err(VolumeCodecError::TooLarge { what: WHAT, actual: bytes.len() });
+        }
+        let mut reader = Reader { bytes, at: 0, what: WHAT };
+        if reader.take(4)? != HEAD_MAGIC {
+            return Err(VolumeCodecError::BadMagic(WHAT));
+        }
+        let version = reader.take(1)?[0];
+        if version != VERSION {
+            return Err(VolumeCodecError::UnsupportedVersion(version));
+        }
+        let length = usize::from(reader.take(1)?[0]);
+        let raw = reader.take(length)?;
+        let text = std::str::from_utf8(raw).map_err(|_| VolumeCodecError::NameNotUtf8)?;
+        let volume = VolumeName::parse(text)?;
+        let seq = reader.u64()?;
+        if seq == 0 {
+            return Err(VolumeCodecError::ZeroSeq);
+        }
+        reader.finish()?;
+        Ok(Self { volume, seq })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -648,6 +719,21 @@ mod tests {
         }
 
         #[test]
+        fn heads_round_trip(name in "[a-z0-9][a-z0-9._-]{0,62}", seq in 1u64..) {
+            let head = VolumeHead { volume: VolumeName::parse(&name).unwrap(), seq };
+            let bytes = head.encode();
+            prop_assert!(bytes.len() <= VOLUME_HEAD_BYTES_MAX);
+            prop_assert_eq!(VolumeHead::decode(&bytes).unwrap(), head);
+        }
+
+        #[test]
+        fn head_decoder_never_panics_and_is_canonical(bytes in proptest::collection::vec(any::<u8>(), 0..96)) {
+            if let Ok(head) = VolumeHead::decode(&bytes) {
+                prop_assert_eq!(head.encode(), bytes);
+            }
+        }
+
+        #[test]
         fn snapshots_round_trip(snapshot in snapshot()) {
             let bytes = snapshot.encode();
             prop_assert_eq!(Snapshot::decode(&bytes).unwrap(), snapshot);
@@ -706,6 +792,33 @@ mod tests {
         assert!(VolumePath::parse("a/..b/.c/c..").is_ok());
         assert!(VolumePath::parse(&"x".repeat(255)).is_ok());
         assert_eq!(VolumePath::parse("a/b/c").unwrap().ancestors().collect::<Vec<_>>(), ["a", "a/b"]);
+    }
+
+    #[test]
+    fn malformed_heads_are_refused_with_the_reason() {
+        let good = VolumeHead { volume: VolumeName::parse("team-a").unwrap(), seq: 7 }.encode();
+        assert_eq!(VolumeHead::decode(&good).unwrap().seq, 7);
+        assert!(matches!(VolumeHead::decode(&good[..good.len() - 1]), Err(VolumeCodecError::Truncated { .. })));
+        let mut trailing = good.clone();
+        trailing.push(0);
+        assert!(matches!(VolumeHead::decode(&trailing), Err(VolumeCodecError::TrailingBytes { .. })));
+        let mut magic = good.clone();
+        magic[0] = b'X';
+        assert_eq!(VolumeHead::decode(&magic), Err(VolumeCodecError::BadMagic("head")));
+        let mut version = good.clone();
+        version[4] = 2;
+        assert_eq!(VolumeHead::decode(&version), Err(VolumeCodecError::UnsupportedVersion(2)));
+        let mut name = good.clone();
+        name[6] = b'/';
+        assert!(matches!(VolumeHead::decode(&name), Err(VolumeCodecError::BadName(_))));
+        let mut utf8 = good.clone();
+        utf8[6] = 0xff;
+        assert_eq!(VolumeHead::decode(&utf8), Err(VolumeCodecError::NameNotUtf8));
+        let mut zero = good.clone();
+        let at = zero.len() - 8;
+        zero[at..].copy_from_slice(&0u64.to_le_bytes());
+        assert_eq!(VolumeHead::decode(&zero), Err(VolumeCodecError::ZeroSeq));
+        assert!(matches!(VolumeHead::decode(&[0; 200]), Err(VolumeCodecError::TooLarge { .. })));
     }
 
     #[test]

@@ -134,3 +134,67 @@ async fn a_slow_holder_is_hedged_by_a_fast_one() {
         metrics.text
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volume_writes_are_announced_and_followers_catch_up_without_a_read() {
+    // Goal: in a mesh, a node that appends to a volume announces the volume's new head to
+    // its DC. A node that follows the volume (it read it once, while it was empty, so its
+    // poll skips it) catches up on the announcement alone, with no read asking, and then
+    // lists the file; a node that never used the volume ignores the announcements and
+    // folds nothing.
+    let seed = test_seed();
+    let shared = tempfile::tempdir().unwrap();
+    let origin = format!("file://{}", shared.path().join("origin").display());
+    let key = cluster_key(shared.path(), "cluster.key");
+    let writer = Daemon::start_with(mesh_options(&origin, &key, "dc-a", None)).await;
+    let bootstrap = p2p_address(&writer).await;
+    let follower = Daemon::start_with(mesh_options(&origin, &key, "dc-a", Some(&bootstrap))).await;
+    let bystander = Daemon::start_with(mesh_options(&origin, &key, "dc-a", Some(&bootstrap))).await;
+    wait_members(&[&writer, &follower, &bystander], 2).await;
+
+    let missing = follower.client().stat_file("team", "models/w").await;
+    assert!(missing.is_err(), "an empty volume has no files: {missing:?}");
+
+    let mut written = 0u64;
+    poll_until("the follower to fold a record announced by the writer", MESH_DEADLINE, || {
+        written += 1;
+        let path = format!("models/w{written}");
+        let (body, producer) =
+            pattern_body(Pattern::new(seed.wrapping_add(written)), 1000, PatternBodyOptions::default());
+        let writer = writer.client();
+        let follower = &follower;
+        async move {
+            writer.put_file("team", &path, body).await.unwrap();
+            producer.await.unwrap().unwrap();
+            (follower.metrics().await.sum("cachemesh_volume_records_folded_total", &[]) >= 1.0).then_some(())
+        }
+    })
+    .await;
+
+    let listed = follower.client().list_all_files("team", "models").await.unwrap();
+    assert!(!listed.is_empty(), "the follower lists what it caught up to");
+    let follower_metrics = follower.metrics().await;
+    assert!(
+        follower_metrics.sum("cachemesh_volume_nudges_total", &[("outcome", "caught_up")]) >= 1.0,
+        "the follower caught up without a nudge\n{}",
+        follower_metrics.text
+    );
+    let writer_metrics = writer.metrics().await;
+    assert!(
+        writer_metrics.sum("cachemesh_volume_heads_sent_total", &[("outcome", "sent")]) >= 1.0,
+        "the writer sent no announcement\n{}",
+        writer_metrics.text
+    );
+    let bystander_metrics = bystander.metrics().await;
+    assert!(
+        bystander_metrics.sum("cachemesh_volume_nudges_total", &[("outcome", "not_followed")]) >= 1.0,
+        "the bystander heard no announcement\n{}",
+        bystander_metrics.text
+    );
+    assert_eq!(
+        bystander_metrics.sum("cachemesh_volume_records_folded_total", &[]),
+        0.0,
+        "the bystander followed a volume it never used\n{}",
+        bystander_metrics.text
+    );
+}

@@ -16,8 +16,9 @@
 //! Freshness: a background tailer catches up every followed volume every
 //! [`VOLUME_POLL_INTERVAL`]; a read first catches up when the last attempt is older than
 //! [`VOLUME_READ_STALENESS_MAX`], so a write on another host is visible to a read here
-//! within about that bound plus one origin round trip. [`Volumes::nudge`] is the hook for a
-//! faster path (a DC gossip announcement of a new record).
+//! within about that bound plus one origin round trip. In a mesh, a writer also announces
+//! the volume's new head to its DC (gossip, see `discovery`), and [`Volumes::nudge`] makes
+//! every node that follows the volume catch up at once, before any read asks.
 //!
 //! Invariants:
 //! - Every node folds the same records in the same order with the same pure rules, so all
@@ -221,7 +222,11 @@ struct Inner {
     settings: VolumeSettings,
     /// A std mutex, never held across an `.await`.
     volumes: Mutex<HashMap<VolumeName, Arc<VolumeState>>>,
+    announcer: std::sync::OnceLock<Announcer>,
 }
+
+/// Called with a volume and the sequence of a record this node just appended to it.
+pub type Announcer = Arc<dyn Fn(&VolumeName, u64) + Send + Sync>;
 
 /// The volumes this node serves.
 #[derive(Clone)]
@@ -265,6 +270,10 @@ pub fn describe_metrics() {
     describe_counter!("cachemesh_volume_snapshots_written_total", "Volume snapshots this node wrote to the origin.");
     describe_counter!("cachemesh_volume_snapshots_loaded_total", "Volume snapshots this node started a view from.");
     describe_counter!(
+        "cachemesh_volume_nudges_total",
+        "Volume head announcements from other nodes handled, by outcome (caught_up, current, not_followed, failed)."
+    );
+    describe_counter!(
         "cachemesh_volume_catch_up_errors_total",
         "Catch-ups of a volume that failed (origin unreachable or a corrupt record)."
     );
@@ -290,6 +299,7 @@ impl Volumes {
                 view: view.clone(),
                 settings: VolumeSettings { snapshot_interval_records: settings.snapshot_interval_records.max(1) },
                 volumes: Mutex::new(HashMap::new()),
+                announcer: std::sync::OnceLock::new(),
             }),
         };
         let known = volumes.blocking(|view| view.volumes()).await?;
@@ -518,6 +528,9 @@ impl Volumes {
                 return Err(VolumeError::Task(format!("own record {seq} was rejected when folded: {rejection:?}")));
             }
             state.mark_attempted();
+            if let Some(announce) = self.inner.announcer.get() {
+                announce(volume, appended.seq);
+            }
             if appended.seq.is_multiple_of(self.inner.settings.snapshot_interval_records) {
                 self.write_snapshot(volume).await;
             }
@@ -702,21 +715,41 @@ impl Volumes {
         Ok(warmed)
     }
 
-    /// Hook for a faster path than polling: someone announced that `volume` has a record
-    /// `seq`. Catches up at once (in the background) when the view is behind it.
+    /// The faster path than polling: another node announced that `volume` has a record
+    /// `seq`. When this node follows the volume and its view is behind, it catches up at
+    /// once (in the background). Volumes this node never used are not followed because of
+    /// a nudge.
     pub fn nudge(&self, volume: &VolumeName, seq: u64) {
-        let Ok(state) = self.state(volume) else {
+        let state = match self.inner.volumes.lock() {
+            Ok(volumes) => volumes.get(volume).cloned(),
+            Err(_) => None,
+        };
+        let Some(state) = state else {
+            metrics::counter!("cachemesh_volume_nudges_total", "outcome" => "not_followed").increment(1);
             return;
         };
         let volumes = self.clone();
         tokio::spawn(async move {
+            // Under the lock, so a burst of nudges costs one catch-up, not one each.
+            let mut tail = state.tail.lock().await;
             let name = state.name.as_str().to_string();
             let head = volumes.blocking(move |view| view.head(&name)).await.unwrap_or(0);
-            if head < seq {
-                let mut tail = state.tail.lock().await;
-                let _ = volumes.catch_up(&state, &mut tail).await;
-            }
+            let outcome = if head >= seq {
+                "current"
+            } else {
+                match volumes.catch_up(&state, &mut tail).await {
+                    Ok(_) => "caught_up",
+                    Err(_) => "failed",
+                }
+            };
+            metrics::counter!("cachemesh_volume_nudges_total", "outcome" => outcome).increment(1);
         });
+    }
+
+    /// Sets what is called with every record this node appends (once; later calls are
+    /// ignored): in a mesh, the announcement of the volume's new head to the DC.
+    pub fn set_announcer(&self, announcer: Announcer) {
+        let _ = self.inner.announcer.set(announcer);
     }
 
     /// Catches up every followed volume every [`VOLUME_POLL_INTERVAL`] until `shutdown`.

@@ -1,4 +1,5 @@
-//! `volume::Record::decode` and `volume::Snapshot::decode` on arbitrary bytes, and the
+//! `volume::Record::decode`, `volume::Snapshot::decode` and `volume::VolumeHead::decode` on
+//! arbitrary bytes, and the
 //! volume name and path parsers on the same bytes as text.
 //!
 //! Checks: nothing panics; a decoded record or snapshot re-encodes to exactly the input
@@ -7,8 +8,8 @@
 //! is within its limits and parses back to itself.
 #![no_main]
 
-use cachemesh_proto::limits::{VOLUME_NAME_BYTES_MAX, VOLUME_PATH_BYTES_MAX, VOLUME_RECORD_BYTES_MAX};
-use cachemesh_proto::volume::{Op, Record, Snapshot, VolumeName, VolumePath};
+use cachemesh_proto::limits::{VOLUME_HEAD_BYTES_MAX, VOLUME_NAME_BYTES_MAX, VOLUME_PATH_BYTES_MAX, VOLUME_RECORD_BYTES_MAX};
+use cachemesh_proto::volume::{Op, Record, Snapshot, VolumeHead, VolumeName, VolumePath};
 use libfuzzer_sys::fuzz_target;
 
 fn check_path(path: &VolumePath) {
@@ -38,6 +39,12 @@ fuzz_target!(|data: &[u8]| {
             check_path(path);
             assert!(info.seq >= 1 && info.seq <= snapshot.seq);
         }
+    }
+    if let Ok(head) = VolumeHead::decode(data) {
+        assert!(data.len() <= VOLUME_HEAD_BYTES_MAX);
+        assert_eq!(head.encode(), data, "decode accepted a non-canonical head announcement");
+        assert!(head.seq >= 1);
+        assert_eq!(VolumeName::parse(head.volume.as_str()).as_ref(), Ok(&head.volume));
     }
     if let Ok(text) = std::str::from_utf8(data) {
         if let Ok(path) = VolumePath::parse(text) {
