@@ -6,8 +6,13 @@
 //!   this node to fetch as the chunk's home. It never forwards to another node, so home
 //!   requests cannot loop between nodes whose membership views differ.
 //!
-//! A fetch task stores the chunk before it leaves its table, so a reader arriving later
-//! finds it locally.
+//! A fetch hands its verified bytes to every waiting reader first, then stores the chunk,
+//! and only then leaves its table: a reader arriving while the chunk is being written joins
+//! the finished fetch and gets the bytes at once, and one arriving later finds the chunk
+//! locally. Writing the chunk (temp file, `fdatasync`, rename, directory `fsync`) is thus
+//! off the reader's path, but bounded: at most [`PENDING_WRITES_MAX`] fetched chunks wait
+//! to be written, and a fetch that would exceed it holds its bytes until a write finishes,
+//! so a disk slower than the network slows readers instead of growing memory.
 //!
 //! Invariants: every byte returned was hash-checked (by the store on read, by the data
 //! plane for peers, by the origin client on download). A peer that sends corrupt bytes is
@@ -22,6 +27,7 @@ use bytes::Bytes;
 use cachemesh_proto::{ChunkId, ObjectId};
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
+use tokio::sync::{Semaphore, oneshot};
 
 use crate::mesh::Mesh;
 use crate::origin::{Origin, OriginError};
@@ -69,18 +75,52 @@ pub enum FetchError {
     Interrupted(ChunkId),
 }
 
+/// Fetched chunks that may wait to be written to the store at once (64 MiB of 4 MiB chunks):
+/// enough to keep a read window and a few home fetches moving while the disk syncs.
+pub const PENDING_WRITES_MAX: usize = 16;
+
 type SharedFetch = Shared<BoxFuture<'static, Result<(Bytes, Source), FetchError>>>;
 
-#[derive(Clone, Default)]
+/// What a fetch produced: the verified bytes, and the work left once readers have them.
+struct Fetched {
+    bytes: Bytes,
+    source: Source,
+    /// Storing the chunk (and announcing the object), run after the bytes are handed out.
+    after: Option<BoxFuture<'static, ()>>,
+}
+
+impl Fetched {
+    fn done(bytes: Bytes, source: Source) -> Self {
+        Self { bytes, source, after: None }
+    }
+}
+
+/// Resolves once a fetch's bytes are handed out and its chunk is written (or failed to be).
+type Settled = Shared<BoxFuture<'static, ()>>;
+
+/// One fetch in a coalescing table.
+#[derive(Clone)]
+struct InFlight {
+    answer: SharedFetch,
+    settled: Settled,
+}
+
+#[derive(Clone)]
 struct Coalescer {
     /// A std mutex: never held across an `.await`.
-    table: Arc<Mutex<HashMap<ChunkId, SharedFetch>>>,
+    table: Arc<Mutex<HashMap<ChunkId, InFlight>>>,
+    /// Permits for fetched chunks waiting to be written; shared by the fetcher's tables.
+    pending_writes: Arc<Semaphore>,
 }
 
 impl Coalescer {
-    fn join_or_start<F>(&self, id: ChunkId, start: impl FnOnce() -> F) -> SharedFetch
+    fn new(pending_writes: Arc<Semaphore>) -> Self {
+        Self { table: Arc::default(), pending_writes }
+    }
+
+    fn join_or_start<F>(&self, id: ChunkId, start: impl FnOnce() -> F) -> InFlight
     where
-        F: std::future::Future<Output = Result<(Bytes, Source), FetchError>> + Send + 'static,
+        F: std::future::Future<Output = Result<Fetched, FetchError>> + Send + 'static,
     {
         let mut table = self.table.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(fetch) = table.get(&id) {
@@ -88,14 +128,41 @@ impl Coalescer {
         }
         let work = start();
         let table_handle = self.table.clone();
-        let task = tokio::spawn(async move {
-            let result = work.await;
+        let pending_writes = self.pending_writes.clone();
+        let (answer, answered) = oneshot::channel();
+        let (settle, settled) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            // Dropped when this task ends, however it ends: that settles the entry.
+            let _settle = settle;
+            match work.await {
+                Ok(Fetched { bytes, source, after }) => {
+                    // Taken before the bytes are handed out: a full queue of writes holds
+                    // this fetch's readers back, which bounds the bytes waiting for disk.
+                    let permit = match &after {
+                        Some(_) => pending_writes.acquire_owned().await.ok(),
+                        None => None,
+                    };
+                    let _ = answer.send(Ok((bytes, source)));
+                    if let Some(after) = after {
+                        after.await;
+                    }
+                    drop(permit);
+                }
+                Err(error) => {
+                    let _ = answer.send(Err(error));
+                }
+            }
             table_handle.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&id);
-            result
         });
-        let fetch = async move { task.await.map_err(|_| FetchError::Interrupted(id))? }.boxed().shared();
-        table.insert(id, fetch.clone());
-        fetch
+        let answer = async move { answered.await.map_err(|_| FetchError::Interrupted(id))? }.boxed().shared();
+        let settled = async move {
+            let _ = settled.await;
+        }
+        .boxed()
+        .shared();
+        let entry = InFlight { answer, settled };
+        table.insert(id, entry.clone());
+        entry
     }
 }
 
@@ -114,6 +181,7 @@ pub struct Fetcher {
     mesh: Arc<OnceLock<Arc<Mesh>>>,
     in_flight: Coalescer,
     home_in_flight: Coalescer,
+    pending_writes: Arc<Semaphore>,
 }
 
 impl std::fmt::Debug for Fetcher {
@@ -125,13 +193,22 @@ impl std::fmt::Debug for Fetcher {
 impl Fetcher {
     /// A fetcher over the local store and the origin; the mesh, if any, is attached later.
     pub fn new(store: Store, origin: Arc<Origin>) -> Self {
+        let pending_writes = Arc::new(Semaphore::new(PENDING_WRITES_MAX));
         Self {
             store,
             origin,
             mesh: Arc::new(OnceLock::new()),
-            in_flight: Coalescer::default(),
-            home_in_flight: Coalescer::default(),
+            in_flight: Coalescer::new(pending_writes.clone()),
+            home_in_flight: Coalescer::new(pending_writes.clone()),
+            pending_writes,
         }
+    }
+
+    /// Waits until every fetched chunk handed out so far is written to the store (or failed
+    /// to be): at shutdown, so that a clean stop keeps what was fetched.
+    pub async fn flush_pending_writes(&self) {
+        let permits = u32::try_from(PENDING_WRITES_MAX).unwrap_or(u32::MAX);
+        let _ = self.pending_writes.acquire_many(permits).await;
     }
 
     /// Attaches the mesh (once, at start-up).
@@ -163,43 +240,62 @@ impl Fetcher {
         id: ChunkId,
         context: Option<(&Arc<ObjectContext>, usize)>,
     ) -> Result<(Bytes, Source), FetchError> {
+        let (bytes, source, _) = self.fetch(id, context).await?;
+        Ok((bytes, source))
+    }
+
+    /// Like [`Fetcher::chunk`], but returns only once the chunk is written to the local store
+    /// (or its write failed): for prefetch and pin, whose point is the local copy.
+    pub async fn warm(&self, id: ChunkId, context: Option<(&Arc<ObjectContext>, usize)>) -> Result<Source, FetchError> {
+        let (_, source, settled) = self.fetch(id, context).await?;
+        if let Some(settled) = settled {
+            settled.await;
+        }
+        Ok(source)
+    }
+
+    async fn fetch(
+        &self,
+        id: ChunkId,
+        context: Option<(&Arc<ObjectContext>, usize)>,
+    ) -> Result<(Bytes, Source, Option<Settled>), FetchError> {
         let started = Instant::now();
         if let Some(bytes) = self.store.read_chunk(&id).await.map_err(|error| FetchError::Store(Arc::new(error)))? {
             record(Source::Local, started);
-            return Ok((bytes, Source::Local));
+            return Ok((bytes, Source::Local, None));
         }
         let fetcher = self.clone();
         let context = context.map(|(context, index)| (context.clone(), index));
-        let (bytes, source) =
-            self.in_flight.join_or_start(id, move || async move { fetcher.fetch_missing(id, context).await }).await?;
+        let entry = self.in_flight.join_or_start(id, move || async move { fetcher.fetch_missing(id, context).await });
+        let (bytes, source) = entry.answer.await?;
         record(source, started);
-        Ok((bytes, source))
+        Ok((bytes, source, Some(entry.settled)))
     }
 
     /// The home path: this node's copy, or one coalesced origin fetch. Serves peers that ask
     /// this node to fetch as the chunk's home; never forwards to another node.
     pub async fn home_chunk(&self, id: ChunkId) -> Result<Bytes, FetchError> {
+        Ok(self.home_fetch(id).await?.0)
+    }
+
+    async fn home_fetch(&self, id: ChunkId) -> Result<(Bytes, Option<Settled>), FetchError> {
         if let Some(bytes) = self.store.read_chunk(&id).await.map_err(|error| FetchError::Store(Arc::new(error)))? {
-            return Ok(bytes);
+            return Ok((bytes, None));
         }
         let fetcher = self.clone();
-        let (bytes, _) = self
-            .home_in_flight
-            .join_or_start(id, move || async move {
-                let bytes = fetcher.fetch_from_origin(id).await?;
-                Ok((bytes, Source::Origin))
-            })
-            .await?;
-        Ok(bytes)
+        let entry =
+            self.home_in_flight.join_or_start(id, move || async move { fetcher.fetch_from_origin(id, None).await });
+        let (bytes, _) = entry.answer.await?;
+        Ok((bytes, Some(entry.settled)))
     }
 
     async fn fetch_missing(
         &self,
         id: ChunkId,
         context: Option<(Arc<ObjectContext>, usize)>,
-    ) -> Result<(Bytes, Source), FetchError> {
+    ) -> Result<Fetched, FetchError> {
         let Some(mesh) = self.mesh.get().cloned() else {
-            return Ok((self.fetch_from_origin(id).await?, Source::Origin));
+            return self.fetch_from_origin(id, None).await;
         };
         let (context, index) = match context {
             Some((context, index)) => (Some(context), index),
@@ -208,64 +304,63 @@ impl Fetcher {
         if let Some(context) = &context
             && let Some(bytes) = mesh.fetch_from_holders(context.object, index, id).await
         {
-            self.keep(id, &bytes, context.object, &mesh).await;
-            return Ok((bytes, Source::Peer));
+            return Ok(self.keep(id, bytes, Source::Peer, Some(context.object)));
         }
         for home in mesh.home_order(&id) {
             match home {
                 None => {
                     // This node is the home: coalesce with peers' home requests.
-                    let bytes = self.home_chunk(id).await?;
-                    if let Some(context) = &context {
-                        mesh.provide(context.object).await;
-                    }
-                    return Ok((bytes, Source::Origin));
+                    // The home path stores the chunk; announce the object once it has.
+                    let (bytes, stored) = self.home_fetch(id).await?;
+                    let object = context.as_ref().map(|context| context.object);
+                    let after = async move {
+                        if let Some(stored) = stored {
+                            stored.await;
+                        }
+                        if let Some(object) = object {
+                            mesh.provide(object).await;
+                        }
+                    };
+                    return Ok(Fetched { after: Some(after.boxed()), ..Fetched::done(bytes, Source::Origin) });
                 }
                 Some(peer) => {
                     if let Some(bytes) = mesh.fetch_from_home(&peer, id).await {
-                        if let Some(context) = &context {
-                            self.keep(id, &bytes, context.object, &mesh).await;
-                        } else {
-                            self.store_quietly(id, &bytes).await;
-                        }
-                        return Ok((bytes, Source::Home));
+                        return Ok(self.keep(id, bytes, Source::Home, context.as_ref().map(|context| context.object)));
                     }
                 }
             }
         }
         // Every home candidate failed: go to the origin ourselves.
-        let bytes = self.fetch_from_origin(id).await?;
-        if let Some(context) = &context {
-            mesh.provide(context.object).await;
-        }
-        Ok((bytes, Source::Origin))
+        self.fetch_from_origin(id, context.as_ref().map(|context| context.object)).await
     }
 
-    async fn keep(&self, id: ChunkId, bytes: &Bytes, object: ObjectId, mesh: &Mesh) {
-        if self.store_quietly(id, bytes).await {
-            mesh.provide(object).await;
-        }
-    }
-
-    async fn store_quietly(&self, id: ChunkId, bytes: &Bytes) -> bool {
-        match self.store.write_chunk(id, bytes.clone()).await {
-            Ok(()) => true,
-            Err(error) => {
-                tracing::warn!(chunk = %id, %error, "could not keep a fetched chunk in the local store");
-                metrics::counter!("cachemesh_store_write_errors_total").increment(1);
-                false
+    /// The fetched bytes, with storing them (then announcing `object` in a mesh) left to
+    /// run after readers have them.
+    fn keep(&self, id: ChunkId, bytes: Bytes, source: Source, object: Option<ObjectId>) -> Fetched {
+        let (store, mesh, stored) = (self.store.clone(), self.mesh.get().cloned(), bytes.clone());
+        let after = async move {
+            match store.write_chunk(id, stored).await {
+                Ok(()) => {
+                    if let (Some(mesh), Some(object)) = (mesh, object) {
+                        mesh.provide(object).await;
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(chunk = %id, %error, "could not keep a fetched chunk in the local store");
+                    metrics::counter!("cachemesh_store_write_errors_total").increment(1);
+                }
             }
-        }
+        };
+        Fetched { after: Some(after.boxed()), ..Fetched::done(bytes, source) }
     }
 
-    async fn fetch_from_origin(&self, id: ChunkId) -> Result<Bytes, FetchError> {
+    async fn fetch_from_origin(&self, id: ChunkId, object: Option<ObjectId>) -> Result<Fetched, FetchError> {
         let bytes = match self.origin.get_chunk(&id).await {
             Ok(bytes) => bytes,
             Err(OriginError::NotFound { .. }) => return Err(FetchError::NotFound(id)),
             Err(error) => return Err(FetchError::Origin(Arc::new(error))),
         };
-        self.store_quietly(id, &bytes).await;
-        Ok(bytes)
+        Ok(self.keep(id, bytes, Source::Origin, object))
     }
 }
 

@@ -50,7 +50,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         }
         None => None,
     };
-    let objects = Objects::new(fetcher);
+    let objects = Objects::new(fetcher.clone());
     crate::volume::describe_metrics();
     let volumes = Volumes::open(
         &config.data_dir,
@@ -94,6 +94,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     tracker.close();
     if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait()).await.is_err() {
         tracing::warn!("some API connections did not finish within the shutdown grace period");
+    }
+    if tokio::time::timeout(SHUTDOWN_GRACE, fetcher.flush_pending_writes()).await.is_err() {
+        tracing::warn!("some fetched chunks were not written to the store within the shutdown grace period");
     }
     if let Err(error) = store.flush_recency().await {
         tracing::warn!(%error, "could not write back last-use times");

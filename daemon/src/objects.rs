@@ -267,7 +267,7 @@ impl Objects {
             .map(|(index, id)| {
                 let fetcher = self.fetcher.clone();
                 let context = context.clone();
-                async move { fetcher.chunk(id, Some((&context, index))).await.map(|(_, source)| source) }
+                async move { fetcher.warm(id, Some((&context, index))).await }
             })
             .buffer_unordered(FETCH_WINDOW_CHUNKS);
         while let Some(result) = fetches.next().await {

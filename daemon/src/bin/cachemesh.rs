@@ -13,7 +13,6 @@ use clap::{Parser, Subcommand};
 use futures::StreamExt;
 use http_body_util::{BodyExt, StreamBody};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use tokio::io::AsyncWriteExt;
 
 /// Talk to the cachemesh daemon on this host.
 #[derive(Debug, Parser)]
@@ -156,6 +155,11 @@ enum ClusterKeyCommand {
 
 /// Bytes per read of a file being put.
 const PUT_READ_BYTES: usize = 1024 * 1024;
+/// Body frames received but not yet written to the output; with frames of up to a chunk,
+/// at most a few tens of MiB in memory.
+const OUTPUT_QUEUE_FRAMES: usize = 16;
+/// Small frames are gathered into writes of this size.
+const OUTPUT_BUFFER_BYTES: usize = 1024 * 1024;
 
 fn progress(length: Option<u64>, message: &'static str) -> ProgressBar {
     let bar = match length {
@@ -235,6 +239,10 @@ async fn get(client: &Client, id: &str, output: Option<&Path>, range: Option<&st
 
 /// Writes a streaming answer to `output` (a temp file renamed at the end; special files in
 /// place) or standard output, with a progress bar.
+///
+/// The file is written by a blocking thread fed through a bounded queue of the body's
+/// frames, so receiving and writing overlap and no frame is copied on the way (small frames
+/// are gathered into [`OUTPUT_BUFFER_BYTES`] writes; large ones go straight through).
 async fn save(
     response: http::Response<hyper::body::Incoming>,
     output: Option<&Path>,
@@ -246,12 +254,11 @@ async fn save(
     // Special files (/dev/null, a FIFO, a terminal) are written in place: renaming a temp
     // file over them would replace the device itself.
     let special = output.is_some_and(|path| std::fs::metadata(path).is_ok_and(|metadata| !metadata.is_file()));
-    let (mut writer, temp): (Box<dyn tokio::io::AsyncWrite + Unpin>, Option<PathBuf>) = match output {
+    let (sink, temp): (Box<dyn std::io::Write + Send>, Option<PathBuf>) = match output {
         Some(path) if special => {
-            let file = tokio::fs::OpenOptions::new()
+            let file = std::fs::OpenOptions::new()
                 .write(true)
                 .open(path)
-                .await
                 .with_context(|| format!("cannot open {}", path.display()))?;
             (Box::new(file), None)
         }
@@ -261,24 +268,33 @@ async fn save(
                 ".{}.cachemesh-partial",
                 path.file_name().and_then(|n| n.to_str()).unwrap_or("object")
             ));
-            let file =
-                tokio::fs::File::create(&temp).await.with_context(|| format!("cannot create {}", temp.display()))?;
-            (Box::new(tokio::io::BufWriter::with_capacity(PUT_READ_BYTES, file)), Some(temp))
+            let file = std::fs::File::create(&temp).with_context(|| format!("cannot create {}", temp.display()))?;
+            (Box::new(file), Some(temp))
         }
-        None => (Box::new(tokio::io::stdout()), None),
+        None => (Box::new(std::io::stdout()), None),
     };
+    let (frames, mut queue) = tokio::sync::mpsc::channel::<Bytes>(OUTPUT_QUEUE_FRAMES);
+    let writer = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        let mut out = std::io::BufWriter::with_capacity(OUTPUT_BUFFER_BYTES, sink);
+        while let Some(data) = queue.blocking_recv() {
+            std::io::Write::write_all(&mut out, &data)?;
+        }
+        std::io::Write::flush(&mut out)
+    });
     let mut body = response.into_body();
     let mut received = 0u64;
-    let copied: anyhow::Result<()> = async {
+    let received_all: anyhow::Result<()> = async {
         while let Some(frame) = body.frame().await {
             let frame = frame.context("the daemon broke off the transfer")?;
             if let Ok(data) = frame.into_data() {
                 received += data.len() as u64;
                 bar.inc(data.len() as u64);
-                writer.write_all(&data).await.context("writing the output failed")?;
+                if frames.send(data).await.is_err() {
+                    // The writer stopped: its error is reported below.
+                    break;
+                }
             }
         }
-        writer.flush().await.context("writing the output failed")?;
         if let Some(length) = length
             && received != length
         {
@@ -287,8 +303,13 @@ async fn save(
         Ok(())
     }
     .await;
+    drop(frames);
+    let written = match writer.await {
+        Ok(result) => result.context("writing the output failed"),
+        Err(error) => Err(anyhow::anyhow!("the output writer failed: {error}")),
+    };
     bar.finish_and_clear();
-    drop(writer);
+    let copied = written.and(received_all);
     match (copied, temp, output) {
         (Ok(()), Some(temp), Some(path)) => tokio::fs::rename(&temp, path)
             .await

@@ -702,7 +702,7 @@ impl Volumes {
                 let context = context.clone();
                 // Each chunk on its own task, so hashing runs on every core.
                 async move {
-                    tokio::spawn(async move { fetcher.chunk(chunk, Some((&context, index))).await.map(|_| ()) })
+                    tokio::spawn(async move { fetcher.warm(chunk, Some((&context, index))).await.map(|_| ()) })
                         .await
                         .map_err(|_| FetchError::Interrupted(chunk))?
                 }
