@@ -1,7 +1,9 @@
 //! One `cachemeshd` of a trial: its directories, command line, process and API client.
 //!
-//! A node lives in `ROOT/node-K/` (data dir, API socket, log). Its process belongs to the
-//! [`Processes`] registry; the node keeps only the handle. Everything the testnet learns
+//! A node lives in `ROOT/node-K/` (data dir, API socket, log) and listens on its
+//! [`Place`]'s address (127.0.0.1, or its own address inside its network namespace; the
+//! API socket is a path, reachable from the root namespace either way). Its process
+//! belongs to the [`Processes`] registry; the node keeps only the handle. Everything the testnet learns
 //! about a node comes through its API socket: `GET /v1/status`, `GET /v1/peers`,
 //! `GET /metrics`.
 //!
@@ -20,6 +22,7 @@ use http::{Method, StatusCode};
 use tokio::process::Command;
 
 use crate::metrics::Metrics;
+use crate::network::Place;
 use crate::processes::{ProcessHandle, Processes};
 
 /// How long a node may take to answer its first status request.
@@ -115,6 +118,8 @@ pub struct NodeSpec {
     pub origin_endpoint: String,
     /// `--upload-limit`, when set.
     pub upload_limit: Option<String>,
+    /// Where it listens (p2p and data plane) and which namespace it runs in.
+    pub place: Place,
     /// Serve peers corrupt chunks (the test-only fault switch).
     pub corrupt_served_chunks: bool,
 }
@@ -175,9 +180,9 @@ impl Node {
             "--dc".into(),
             spec.dc.clone(),
             "--p2p-listen".into(),
-            "127.0.0.1:0".into(),
+            format!("{}:0", spec.place.address),
             "--data-listen".into(),
-            "127.0.0.1:0".into(),
+            format!("{}:0", spec.place.address),
         ];
         for address in &spec.bootstrap {
             args.extend(["--bootstrap".into(), address.clone()]);
@@ -188,14 +193,21 @@ impl Node {
         if spec.corrupt_served_chunks {
             args.extend(["--fault-corrupt-served-chunks".into(), "true".into()]);
         }
-        let mut command = Command::new(&binaries.daemon);
-        command.args(&args).stdin(Stdio::null()).stdout(log).stderr(log_err);
+        // In an emulated network the daemon runs in its namespace through `ip netns exec`,
+        // which execs it: the child's pid is the daemon's, as on loopback.
+        let mut program: Vec<String> = Vec::new();
+        if let Some(namespace) = &spec.place.namespace {
+            program.extend(["ip".into(), "netns".into(), "exec".into(), namespace.clone()]);
+        }
+        program.push(binaries.daemon.display().to_string());
+        let mut command = Command::new(&program[0]);
+        command.args(&program[1..]).args(&args).stdin(Stdio::null()).stdout(log).stderr(log_err);
         clean_env(&mut command);
         command.env("RUST_BACKTRACE", "1");
         for (key, value) in crate::origin::daemon_env(&spec.origin_endpoint) {
             command.env(key, value);
         }
-        std::fs::write(dir.join("command-line"), format!("{} {}\n", binaries.daemon.display(), args.join(" ")))
+        std::fs::write(dir.join("command-line"), format!("{} {}\n", program.join(" "), args.join(" ")))
             .map_err(io("cannot record its command line"))?;
         let handle = processes.spawn(&format!("node-{index}"), command).map_err(|source| NodeError::Spawn {
             index,
@@ -277,7 +289,7 @@ impl Node {
         self.dir.join("cachemeshd.log")
     }
 
-    /// The TCP port of its first loopback p2p listen address (`/ip4/127.0.0.1/tcp/PORT/...`).
+    /// `HOST:PORT` of its first IPv4 p2p listen address (`/ip4/HOST/tcp/PORT/...`).
     pub fn p2p_address(&self) -> Option<String> {
         self.mesh.p2p_listen.iter().find_map(|multiaddr| multiaddr_host_port(multiaddr))
     }

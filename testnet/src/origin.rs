@@ -1,13 +1,17 @@
 //! The trial's origin: a real S3-compatible server (moto) on a free loopback port, with a
 //! bucket made by boto3, and a counting proxy per node in front of it.
 //!
+//! moto always runs in the root namespace on 127.0.0.1; the proxies listen where the nodes
+//! reach the origin (127.0.0.1, or the origin's end of its own shaped link when the network
+//! is emulated), so that the origin's bandwidth is that link's.
+//!
 //! moto is the server boto3 is tested against; creating the bucket with boto3 keeps our
 //! own S3 code out of the setup. Nodes never talk to moto directly: each gets its own
 //! [`Proxy`] endpoint, so origin egress is counted at the origin, per node.
 //!
 //! Non-goals: persistence (moto keeps everything in memory), restarts.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -145,9 +149,12 @@ impl Moto {
         }
     }
 
-    /// Starts a counting proxy in front of moto.
-    pub async fn proxy(&self, shutdown: CancellationToken) -> Result<Proxy, OriginError> {
-        Proxy::start(self.address, shutdown).await.map_err(io_error("cannot bind a proxy port"))
+    /// Starts a counting proxy in front of moto, listening on `bind` (the origin's address
+    /// as the nodes see it: loopback, or the origin's end of its emulated link).
+    pub async fn proxy(&self, bind: Ipv4Addr, shutdown: CancellationToken) -> Result<Proxy, OriginError> {
+        Proxy::start(self.address, bind, shutdown)
+            .await
+            .map_err(io_error(format!("cannot bind a proxy port on {bind}")))
     }
 
     /// The daemons' origin URL.

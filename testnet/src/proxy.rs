@@ -13,7 +13,7 @@
 //! Invariant: a counted byte is a byte that was read from the upstream's answer.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -89,9 +89,9 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// Binds a loopback port and serves until `shutdown`, forwarding to `upstream`.
-    pub async fn start(upstream: SocketAddr, shutdown: CancellationToken) -> std::io::Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+    /// Binds a free port of `bind` and serves until `shutdown`, forwarding to `upstream`.
+    pub async fn start(upstream: SocketAddr, bind: Ipv4Addr, shutdown: CancellationToken) -> std::io::Result<Self> {
+        let listener = TcpListener::bind((bind, 0)).await?;
         let address = listener.local_addr()?;
         let counters = Arc::new(ProxyCounters::default());
         tokio::spawn(accept_loop(listener, upstream, counters.clone(), shutdown));

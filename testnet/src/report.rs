@@ -5,6 +5,9 @@
 //! 10^6 bytes over the node's read time. Every figure comes from a boundary: the client's
 //! own stream (time, digest), the node's `/metrics` (bytes by source, read before and
 //! after the reads, so the row shows the difference), and the counting proxy (origin egress).
+//! Rates are bits per second in JSON (`link_rate`, `network.*_rate`) and `200Mbit` style in
+//! the table. The Kumar-Ross figure stands beside the measured fleet time when the links
+//! were emulated with rates; it is reported, never checked.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -12,7 +15,9 @@ use std::path::Path;
 
 use serde::Serialize;
 
+use crate::network::NetworkReport;
 use crate::proxy::ProxyFigures;
+use crate::shaping::{KumarRoss, Rate};
 
 /// Bytes (or counts) by the tier a chunk came from.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -36,6 +41,8 @@ pub struct NodeRow {
     pub dc: String,
     /// Its node id.
     pub node_id: String,
+    /// Its link rate, each way (None: unshaped or loopback without rates).
+    pub link_rate: Option<Rate>,
     /// What the scenario made it do (`put`, `faulty`, `killed`, ...), empty for a plain reader.
     pub role: String,
     /// `ok`, `wrong bytes`, `failed`, `killed`, or `-` when it did not read.
@@ -60,6 +67,9 @@ pub struct NodeRow {
     pub chunk_fetches: Option<BySource>,
     /// `cachemesh_verify_failures_total{source="peer"}` during the reads.
     pub verify_failures_peer: Option<u64>,
+    /// Chunk bytes it sent to peers on the data plane during the reads
+    /// (`cachemesh_peer_upload_bytes_total`): how much it took part in the swarm.
+    pub sent_to_peers: Option<u64>,
     /// What the origin (the node's counting proxy) served this node over the whole trial.
     pub origin: ProxyFigures,
     /// Every counter that changed during the reads.
@@ -97,6 +107,16 @@ pub struct Parameters {
     pub seed: u64,
     /// `--upload-limit` given to every node.
     pub upload_limit: Option<String>,
+    /// `--net` as given.
+    pub net: String,
+    /// `--host-rate`.
+    pub host_rate: Option<Rate>,
+    /// `--origin-rate`.
+    pub origin_rate: Option<Rate>,
+    /// `--slow-hosts` (a fraction of the nodes).
+    pub slow_hosts: Option<f64>,
+    /// `--slow-rate`.
+    pub slow_rate: Option<Rate>,
     /// Seconds each put and read phase may take.
     pub timeout_seconds: u64,
     /// Where the binaries came from.
@@ -118,6 +138,23 @@ pub struct OriginReport {
     pub totals: ProxyFigures,
 }
 
+/// The measured fleet time beside the Kumar-Ross minimum for the emulated rates.
+#[derive(Debug, Clone, Serialize)]
+pub struct KumarRossReport {
+    /// The file size F, in bytes.
+    pub file_bytes: u64,
+    /// Who holds the file at the start (their uploads are `u_seeds`).
+    pub seeds: String,
+    /// How many nodes had to download it (N).
+    pub downloaders: usize,
+    /// The minimum and its terms.
+    pub minimum: KumarRoss,
+    /// Seconds from the common start until the last downloader had every byte.
+    pub measured_seconds: f64,
+    /// `measured_seconds / minimum.seconds`: 1.0 is as fast as the links allow.
+    pub ratio: f64,
+}
+
 /// The whole report.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
@@ -133,6 +170,11 @@ pub struct Report {
     pub put_seconds: Option<f64>,
     /// Seconds from the first node's start until every node saw its whole DC.
     pub mesh_formed_seconds: Option<f64>,
+    /// The network the trial ran on.
+    pub network: NetworkReport,
+    /// The measured time beside the least the emulated rates allow (cold-start on an
+    /// emulated network with rates set; None otherwise).
+    pub kumar_ross: Option<KumarRossReport>,
     /// Per node.
     pub rows: Vec<NodeRow>,
     /// Origin egress.
@@ -159,6 +201,7 @@ impl Report {
             "node",
             "dc",
             "role",
+            "link",
             "result",
             "seconds",
             "local MiB",
@@ -167,6 +210,7 @@ impl Report {
             "origin MiB",
             "MB/s",
             "origin GET MiB",
+            "sent to peers MiB",
         ];
         let rows: Vec<Vec<String>> = self
             .rows
@@ -178,6 +222,7 @@ impl Report {
                     row.node.to_string(),
                     row.dc.clone(),
                     if row.role.is_empty() { "-".into() } else { row.role.clone() },
+                    row.link_rate.map_or("-".into(), |rate| rate.to_string()),
                     row.result.clone(),
                     row.seconds.map_or("-".into(), |s| format!("{s:.3}")),
                     mib(|s| s.local),
@@ -186,6 +231,7 @@ impl Report {
                     mib(|s| s.origin),
                     row.mb_per_second.map_or("-".into(), |rate| format!("{rate:.0}")),
                     format_mib(row.origin.chunk_get_bytes),
+                    row.sent_to_peers.map_or("-".into(), format_mib),
                 ]
             })
             .collect();
@@ -219,6 +265,14 @@ impl Report {
         let bullet = if markdown { "- " } else { "" };
         let mut out = String::new();
         let size = self.parameters.object_size;
+        let _ = writeln!(out, "{bullet}network: {}; latency {}", self.network.summary, self.network.latency);
+        if let Some(figure) = &self.kumar_ross {
+            let _ = writeln!(
+                out,
+                "{bullet}Kumar-Ross minimum {:.3} s (bound by {}), measured {:.3} s = {:.2} x the minimum",
+                figure.minimum.seconds, figure.minimum.bound_by, figure.measured_seconds, figure.ratio
+            );
+        }
         let _ = writeln!(
             out,
             "{bullet}origin egress: {} MiB of chunks for a {} MiB object = {:.3} x the object size",
@@ -265,6 +319,48 @@ impl Report {
         out
     }
 
+    /// The Kumar-Ross table (markdown) or lines (text); empty when there is no figure.
+    pub fn kumar_ross_text(&self, markdown: bool) -> String {
+        let Some(figure) = &self.kumar_ross else {
+            return String::new();
+        };
+        let minimum = &figure.minimum;
+        let cells = [
+            format!("{:.3}", figure.measured_seconds),
+            format!("{:.3}", minimum.seconds),
+            format!("{:.2}", figure.ratio),
+            minimum.bound_by.to_string(),
+            format!("{:.3}", minimum.seeds_upload_seconds),
+            format!("{:.3}", minimum.slowest_download_seconds),
+            format!("{:.3}", minimum.aggregate_upload_seconds),
+        ];
+        let header = [
+            "measured s",
+            "Kumar-Ross min s",
+            "measured / min",
+            "bound by",
+            "F/u_seeds s",
+            "F/d_min s",
+            "N*F/sum(u) s",
+        ];
+        let mut out = String::new();
+        if markdown {
+            let _ = writeln!(out, "| {} |", header.join(" | "));
+            let _ = writeln!(out, "|{}", header.iter().map(|_| "---|").collect::<String>());
+            let _ = writeln!(out, "| {} |", cells.join(" | "));
+            let _ = writeln!(
+                out,
+                "\nF = {} bytes, N = {} downloaders, seeds: {}.",
+                figure.file_bytes, figure.downloaders, figure.seeds
+            );
+        } else {
+            for (name, cell) in header.iter().zip(&cells) {
+                let _ = writeln!(out, "{name}: {cell}");
+            }
+        }
+        out
+    }
+
     /// The checks, one line each.
     pub fn checks_text(&self, markdown: bool) -> String {
         let mut out = String::new();
@@ -283,7 +379,7 @@ impl Report {
     pub fn text(&self) -> String {
         let p = &self.parameters;
         format!(
-            "scenario {} with {} nodes, object {} bytes ({} MiB), seed {}\n\n{}\n{}\n{}\n{}\nrepeat with: {}\n",
+            "scenario {} with {} nodes, object {} bytes ({} MiB), seed {}\n\n{}\n{}\n{}{}\n{}\nrepeat with: {}\n",
             p.scenario,
             p.nodes,
             p.object_size,
@@ -291,6 +387,7 @@ impl Report {
             p.seed,
             self.table(false),
             self.summary(false),
+            self.kumar_ross_text(false),
             self.checks_text(false),
             if self.passed { "ALL CHECKS PASSED" } else { "SOME CHECKS FAILED" },
             p.repeat
@@ -301,18 +398,32 @@ impl Report {
     pub fn markdown(&self) -> String {
         let p = &self.parameters;
         format!(
-            "# cachemesh testnet: {}\n\n{}\n\n- nodes: {}\n- object size: {} bytes ({} MiB)\n- seed: {}\n- upload limit: {}\n- object id: {}\n- repeat with: `{}`\n\n## Nodes\n\n{}\n{}\n## Checks\n\n{}\n**{}**\n",
+            "# cachemesh testnet: {}\n\n{}\n\n- nodes: {}\n- object size: {} bytes ({} MiB)\n- seed: {}\n- network: {}\n- rates (each way): host {}, origin {}, slow hosts {}\n- latency: {}\n- upload limit: {}\n- object id: {}\n- repeat with: `{}`\n\n## Nodes\n\n{}\n{}\n{}## Checks\n\n{}\n**{}**\n",
             p.scenario,
             self.goal,
             p.nodes,
             p.object_size,
             format_mib(p.object_size),
             p.seed,
+            self.network.summary,
+            rate_text(self.network.host_rate),
+            rate_text(self.network.origin_rate),
+            if self.network.slow_hosts == 0 {
+                "none".to_string()
+            } else {
+                format!("{} at {}", self.network.slow_hosts, rate_text(self.network.slow_rate))
+            },
+            self.network.latency,
             p.upload_limit.as_deref().unwrap_or("none"),
             self.object_id.as_deref().unwrap_or("-"),
             p.repeat,
             self.table(true),
             self.summary(true),
+            if self.kumar_ross.is_some() {
+                format!("## Against the Kumar-Ross minimum\n\n{}\n", self.kumar_ross_text(true))
+            } else {
+                String::new()
+            },
             self.checks_text(true),
             if self.passed { "All checks passed." } else { "Some checks failed." }
         )
@@ -324,6 +435,11 @@ impl Report {
         std::fs::write(dir.join("report.json"), json + "\n")?;
         std::fs::write(dir.join("report.md"), self.markdown())
     }
+}
+
+/// A rate, or `unshaped`.
+fn rate_text(rate: Option<Rate>) -> String {
+    rate.map_or("unshaped".to_string(), |rate| rate.to_string())
 }
 
 /// Bytes as MiB with one decimal (or more for small values).
@@ -361,6 +477,11 @@ mod tests {
                 object_size: 4 << 20,
                 seed: 9,
                 upload_limit: None,
+                net: "auto".into(),
+                host_rate: None,
+                origin_rate: None,
+                slow_hosts: None,
+                slow_rate: None,
                 timeout_seconds: 60,
                 bin_dir: "/x".into(),
                 repeat: "cachemesh-testnet run cold-start".into(),
@@ -369,6 +490,8 @@ mod tests {
             object_id: None,
             put_seconds: Some(0.5),
             mesh_formed_seconds: None,
+            network: NetworkReport::default(),
+            kumar_ross: None,
             rows: vec![row],
             origin: OriginReport::default(),
             checks: vec![Check::new("identical_bytes", true, "1 of 1")],
@@ -376,6 +499,33 @@ mod tests {
             error: None,
             passed: false,
         }
+    }
+
+    #[test]
+    fn kumar_ross_figure_is_shown_beside_the_measured_time() {
+        // Goal: when there is a Kumar-Ross figure, the text, markdown and JSON carry it.
+        let mut report = sample();
+        let minimum = crate::shaping::KumarRoss {
+            seconds: 2.0,
+            seeds_upload_seconds: 1.0,
+            slowest_download_seconds: 2.0,
+            aggregate_upload_seconds: 0.5,
+            bound_by: "slowest_download",
+        };
+        report.kumar_ross = Some(KumarRossReport {
+            file_bytes: 4 << 20,
+            seeds: "origin, node 0".into(),
+            downloaders: 3,
+            minimum,
+            measured_seconds: 3.0,
+            ratio: 1.5,
+        });
+        let markdown = report.markdown();
+        assert!(markdown.contains("| 3.000 | 2.000 | 1.50 | slowest_download | 1.000 | 2.000 | 0.500 |"), "{markdown}");
+        assert!(report.text().contains("= 1.50 x the minimum"), "{}", report.text());
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["kumar_ross"]["ratio"], 1.5);
+        assert_eq!(json["kumar_ross"]["minimum"]["bound_by"], "slowest_download");
     }
 
     #[test]
@@ -389,7 +539,7 @@ mod tests {
         assert_eq!(text.lines().count(), 2, "{text}");
         assert!(text.contains("3.0") && text.contains("dc-a"), "{text}");
         let markdown = report.markdown();
-        assert!(markdown.contains("| 0 | dc-a | put | ok | 1.500 | 3.0 | 1.0 | 0 | 0 | 3 | 0 |"), "{markdown}");
+        assert!(markdown.contains("| 0 | dc-a | put | - | ok | 1.500 | 3.0 | 1.0 | 0 | 0 | 3 | 0 | - |"), "{markdown}");
         report.checks.push(Check::new("x", false, "no"));
         report.finish();
         assert!(!report.passed);

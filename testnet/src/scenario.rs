@@ -7,11 +7,16 @@
 //! panicking: setup errors end the trial with `Report::error` set, check failures are
 //! `Check`s that did not pass.
 //!
+//! cold-start also sets the report's Kumar-Ross figure when the links were emulated with
+//! rates: the put node, which holds the object once it has put it, is a seed beside the
+//! origin, and the other nodes are the downloaders.
+//!
 //! Choices made from the seed (the object's bytes, which node is killed or faulty) are
 //! recorded in the report, so `--seed` repeats a trial exactly as far as the testnet
 //! decides it.
 
 use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -20,9 +25,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::data::{Digest, Pattern};
 use crate::metrics::{Metrics, counter_deltas};
+use crate::network::{NetMode, NetworkReport, Place};
 use crate::node::{Binaries, Node, NodeError};
 use crate::processes::Processes;
-use crate::report::{BySource, Check, NodeRow, OriginReport, Parameters, Report};
+use crate::report::{BySource, Check, KumarRossReport, NodeRow, OriginReport, Parameters, Report};
+use crate::shaping::{Downloader, Rate, RatePlan, kumar_ross};
 use crate::testbed::{Layout, SetupError, Testbed};
 use crate::transfer::{PutError, Reader, Transfer, get_all, put};
 
@@ -159,8 +166,22 @@ pub struct Params {
     pub object_size: u64,
     /// The seed.
     pub seed: u64,
-    /// `--upload-limit` for every node.
+    /// `--upload-limit` as given.
     pub upload_limit: Option<String>,
+    /// `--upload-limit` of each node (the one given, or its link rate on loopback).
+    pub upload_limits: Vec<Option<String>>,
+    /// `--net` as given.
+    pub net: NetMode,
+    /// The rates as given.
+    pub rates: RatePlan,
+    /// Each node's link rate, each way.
+    pub host_rates: Vec<Option<Rate>>,
+    /// Where each node runs and listens.
+    pub places: Vec<Place>,
+    /// Where the origin's proxies listen.
+    pub origin_address: Ipv4Addr,
+    /// The network, as the report describes it.
+    pub network: NetworkReport,
     /// How long the put, and each read phase, may take.
     pub timeout: Duration,
     /// The binaries.
@@ -212,6 +233,11 @@ pub async fn run(params: &Params, processes: &Processes, root: &Path, shutdown: 
             object_size: params.object_size,
             seed: params.seed,
             upload_limit: params.upload_limit.clone(),
+            net: params.net.name().to_string(),
+            host_rate: params.rates.host,
+            origin_rate: params.rates.origin,
+            slow_hosts: params.rates.slow.map(|_| params.rates.slow_hosts_fraction),
+            slow_rate: params.rates.slow,
             timeout_seconds: params.timeout.as_secs(),
             bin_dir: params.bin_dir.display().to_string(),
             repeat: params.repeat.clone(),
@@ -220,6 +246,8 @@ pub async fn run(params: &Params, processes: &Processes, root: &Path, shutdown: 
         object_id: None,
         put_seconds: None,
         mesh_formed_seconds: None,
+        network: params.network.clone(),
+        kumar_ross: None,
         rows: Vec::new(),
         origin: OriginReport::default(),
         checks: Vec::new(),
@@ -257,7 +285,13 @@ async fn run_trial(
         }
         _ => vec![DC_A.to_string(); nodes],
     };
-    let layout = Layout { dcs, upload_limit: params.upload_limit.clone(), faulty };
+    let layout = Layout {
+        dcs,
+        upload_limits: params.upload_limits.clone(),
+        places: params.places.clone(),
+        origin_address: params.origin_address,
+        faulty,
+    };
     eprintln!("testnet: starting moto and {nodes} nodes in {}", root.display());
     let testbed = Testbed::start(processes, &params.binaries, root, &layout, shutdown).await?;
     report.mesh_formed_seconds = Some(testbed.mesh_formed_seconds);
@@ -269,6 +303,7 @@ async fn run_trial(
             node: node.index(),
             dc: node.spec.dc.clone(),
             node_id: node.mesh.node_id.clone(),
+            link_rate: params.host_rates.get(node.index()).copied().flatten(),
             result: "-".into(),
             ..NodeRow::default()
         })
@@ -382,6 +417,8 @@ async fn finish_rows(
             let failures = |m: &Metrics| m.count("cachemesh_verify_failures_total", &[("source", "peer")]);
             row.verify_failures_peer = Some(failures(now).saturating_sub(failures(before)));
             row.counter_deltas = counter_deltas(before, now);
+            row.sent_to_peers =
+                Some(now.count(DATA_PLANE_SENT, &[]).saturating_sub(before.count(DATA_PLANE_SENT, &[])));
         }
         if gone.contains(&index) {
             row.result = "killed".into();
@@ -465,7 +502,39 @@ async fn cold_start(params: &Params, trial: &mut Trial, report: &mut Report) -> 
     finish_rows(params, trial, &transfers, &[], report).await;
     report.checks.push(identical_bytes_check("identical_bytes", report, &all));
     report.checks.push(egress_check("origin_egress_one_copy", report.origin.chunk_get_bytes, params.object_size, 1.0));
+    report.kumar_ross = kumar_ross_figure(params, report);
     Ok(())
+}
+
+/// The measured fleet time beside the Kumar-Ross minimum, when the links were emulated with
+/// rates. The put node holds the whole object once its put is done, so it is a seed beside
+/// the origin; the other nodes are the downloaders, and the measured time is the slowest
+/// of their reads (None when one failed).
+fn kumar_ross_figure(params: &Params, report: &mut Report) -> Option<KumarRossReport> {
+    if report.network.mode != "emulated" || !params.rates.any() {
+        if params.rates.any() {
+            report.notes.push(
+                "no Kumar-Ross figure: on loopback the rates only cap each daemon's uploads to peers".to_string(),
+            );
+        }
+        return None;
+    }
+    let downloaders: Vec<Downloader> = (0..params.nodes)
+        .filter(|index| *index != PUT_NODE)
+        .map(|index| Downloader { upload: params.host_rates[index], download: params.host_rates[index] })
+        .collect();
+    let minimum = kumar_ross(params.object_size, &[params.rates.origin, params.host_rates[PUT_NODE]], &downloaders)?;
+    let times: Option<Vec<f64>> =
+        report.rows.iter().filter(|row| row.node != PUT_NODE).map(|row| row.seconds).collect();
+    let measured_seconds = times?.into_iter().reduce(f64::max)?;
+    Some(KumarRossReport {
+        file_bytes: params.object_size,
+        seeds: format!("the origin and node {PUT_NODE} (which put the object)"),
+        downloaders: downloaders.len(),
+        measured_seconds,
+        ratio: measured_seconds / minimum.seconds,
+        minimum,
+    })
 }
 
 async fn peer_killed(

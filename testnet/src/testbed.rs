@@ -1,14 +1,16 @@
 //! A trial's world: the origin (moto behind counting proxies), a cluster key, and N nodes
 //! split into datacenters, each DC bootstrapped from its first node, up and meshed.
 //!
-//! Start order: moto and the bucket; one proxy per node; `cachemesh cluster-key new`; the
-//! first node of each DC (no bootstrap); read its p2p port from `GET /v1/status`
-//! (`mesh.p2p_listen`); the other nodes of that DC with `--bootstrap 127.0.0.1:PORT`, in
-//! parallel; then poll every node until it sees every other member of its own DC
-//! (`mesh.members >= DC size - 1`), with a deadline.
+//! Start order: moto and the bucket; one proxy per node, listening on the origin's address;
+//! `cachemesh cluster-key new`; the first node of each DC (no bootstrap); read its p2p
+//! address from `GET /v1/status` (`mesh.p2p_listen`); the other nodes of that DC with
+//! `--bootstrap HOST:PORT`, in parallel; then poll every node until it sees every other
+//! member of its own DC (`mesh.members >= DC size - 1`), with a deadline.
 //!
-//! Non-goals: network emulation (namespaces, bandwidth, latency); everything is loopback.
+//! Non-goals: making the network. The [`Layout`] says where each node and the origin are
+//! (loopback, or the namespaces and addresses of `network.rs`, set up before this runs).
 
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -16,6 +18,7 @@ use std::time::{Duration, Instant};
 use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
+use crate::network::Place;
 use crate::node::{Binaries, Node, NodeError, NodeSpec, POLL_INTERVAL};
 use crate::origin::{Moto, OriginError};
 use crate::processes::Processes;
@@ -45,7 +48,7 @@ pub enum SetupError {
         /// What went wrong.
         detail: String,
     },
-    /// The first node of a DC reported no loopback p2p address.
+    /// The first node of a DC reported no IPv4 p2p address.
     #[error("node {index} reports no /ip4/HOST/tcp/PORT p2p address to bootstrap from: {addresses:?}")]
     NoBootstrapAddress {
         /// The node.
@@ -78,8 +81,12 @@ pub enum SetupError {
 pub struct Layout {
     /// The DC of each node (its length is the node count).
     pub dcs: Vec<String>,
-    /// `--upload-limit` for every node.
-    pub upload_limit: Option<String>,
+    /// `--upload-limit` of each node.
+    pub upload_limits: Vec<Option<String>>,
+    /// Where each node runs and listens.
+    pub places: Vec<Place>,
+    /// The address the origin's proxies listen on.
+    pub origin_address: Ipv4Addr,
     /// The node that serves peers corrupt chunks.
     pub faulty: Option<usize>,
 }
@@ -110,7 +117,7 @@ impl Testbed {
         let moto = Moto::start(processes, root).await?;
         let mut proxies = Vec::with_capacity(layout.dcs.len());
         for _ in &layout.dcs {
-            proxies.push(moto.proxy(shutdown.clone()).await?);
+            proxies.push(moto.proxy(layout.origin_address, shutdown.clone()).await?);
         }
         let cluster_key = root.join("cluster.key");
         make_cluster_key(binaries, &cluster_key).await?;
@@ -120,7 +127,8 @@ impl Testbed {
             dc: layout.dcs[index].clone(),
             bootstrap,
             origin_endpoint: proxies[index].endpoint(),
-            upload_limit: layout.upload_limit.clone(),
+            upload_limit: layout.upload_limits[index].clone(),
+            place: layout.places[index].clone(),
             corrupt_served_chunks: layout.faulty == Some(index),
         };
         let mut nodes: Vec<Option<Node>> = (0..layout.dcs.len()).map(|_| None).collect();

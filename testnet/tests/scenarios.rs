@@ -1,8 +1,10 @@
-//! The testnet's scenarios, small: N=4 nodes and a 24 MiB object, through the built binary.
+//! The testnet's scenarios, small: N=4 nodes and a 24 MiB object, through the built binary,
+//! plus a shaped cold-start of 3 nodes on emulated links.
 //!
 //! Each test runs `cachemesh-testnet run SCENARIO` as a user would (real cachemeshd
-//! processes from the same target directory, moto as the origin) and checks its exit
-//! status and `report.json`. A failing test prints the testnet's output, its report and
+//! processes from the same target directory, moto as the origin, `--net auto`: emulated
+//! links when run as root, as CI does, loopback otherwise) and checks its exit status and
+//! `report.json`; timings are printed, never asserted. A failing test prints the testnet's output, its report and
 //! where the nodes' logs were copied. The seed comes from `CACHEMESH_TEST_SEED` when set,
 //! is random otherwise, and is printed.
 
@@ -40,16 +42,21 @@ fn seed() -> u64 {
     seed
 }
 
-fn run_scenario(scenario: &str) -> (Output, serde_json::Value, tempfile::TempDir) {
+fn run_scenario(
+    scenario: &str,
+    nodes: &str,
+    object_size: &str,
+    extra: &[&str],
+) -> (Output, serde_json::Value, tempfile::TempDir) {
     let out = tempfile::Builder::new().prefix("cachemesh-testnet-out-").tempdir().unwrap();
     let seed = seed().to_string();
     let args = [
         "run",
         scenario,
         "--nodes",
-        NODES,
+        nodes,
         "--object-size",
-        OBJECT_SIZE,
+        object_size,
         "--out",
         out.path().to_str().unwrap(),
         "--seed",
@@ -57,7 +64,7 @@ fn run_scenario(scenario: &str) -> (Output, serde_json::Value, tempfile::TempDir
         "--timeout",
         PHASE_TIMEOUT_SECONDS,
     ];
-    let output = testnet().args(args).stdin(Stdio::null()).output().unwrap();
+    let output = testnet().args(args).args(extra).stdin(Stdio::null()).output().unwrap();
     let report = std::fs::read_to_string(out.path().join("report.json"))
         .ok()
         .and_then(|text| serde_json::from_str(&text).ok())
@@ -77,9 +84,22 @@ fn explain(output: &Output, out: &Path) -> String {
     )
 }
 
-/// Runs the scenario and asserts that it passed, every check by name included.
+/// Runs the scenario with N=4 and a 24 MiB object and asserts that it passed, every check by
+/// name included.
 fn assert_scenario_passes(scenario: &str, expected_checks: &[&str]) -> serde_json::Value {
-    let (output, report, out) = run_scenario(scenario);
+    assert_run_passes(scenario, NODES, OBJECT_SIZE, &[], expected_checks)
+}
+
+/// Runs the scenario and asserts that it passed, every check by name included, with one row
+/// per node.
+fn assert_run_passes(
+    scenario: &str,
+    nodes: &str,
+    object_size: &str,
+    extra: &[&str],
+    expected_checks: &[&str],
+) -> serde_json::Value {
+    let (output, report, out) = run_scenario(scenario, nodes, object_size, extra);
     let out = out.keep();
     let explanation = explain(&output, &out);
     assert!(output.status.success(), "{scenario} failed:\n{explanation}");
@@ -90,7 +110,8 @@ fn assert_scenario_passes(scenario: &str, expected_checks: &[&str]) -> serde_jso
         let check = check.unwrap_or_else(|| panic!("{scenario}: no check {name}:\n{explanation}"));
         assert_eq!(check["passed"], true, "{scenario}: {name}:\n{explanation}");
     }
-    assert_eq!(report["rows"].as_array().unwrap().len(), 4, "one row per node");
+    let rows = report["rows"].as_array().unwrap().len();
+    assert_eq!(rows.to_string(), nodes, "one row per node");
     assert!(out.join("report.md").is_file());
     std::fs::remove_dir_all(&out).unwrap();
     report
@@ -102,6 +123,136 @@ fn cold_start_every_node_gets_the_object_and_the_origin_sends_one_copy() {
     // origin's chunk egress stays within one copy.
     let report = assert_scenario_passes("cold-start", &["identical_bytes", "origin_egress_one_copy"]);
     assert!(report["origin"]["egress_ratio"].as_f64().unwrap() <= 1.02);
+}
+
+/// Namespaces and links of the testnet run with process id `pid` that still exist.
+fn network_left_by(pid: u32) -> Vec<String> {
+    let prefix = format!("cmt{pid}");
+    let mut left = Vec::new();
+    for args in [&["netns", "list"][..], &["-o", "link", "show"][..]] {
+        let Ok(output) = Command::new("ip").args(args).output() else { continue };
+        for line in String::from_utf8_lossy(&output.stdout).lines() {
+            // `ip netns list` starts a line with the name, `ip -o link` puts it second.
+            let name = if args[0] == "netns" { line.split_whitespace().next() } else { line.split(": ").nth(1) };
+            let Some(name) = name.map(|name| name.split('@').next().unwrap_or(name)) else { continue };
+            // The role letter after the pid keeps `cmt12` from matching `cmt123b`.
+            if name.strip_prefix(&prefix).and_then(|rest| rest.chars().next()).is_some_and(|c| c.is_ascii_lowercase()) {
+                left.push(name.to_string());
+            }
+        }
+    }
+    left
+}
+
+/// Makes a namespace and a bridge named as a testnet with a dead process id would; returns
+/// that id.
+fn make_leftover() -> u32 {
+    let mut gone = Command::new("true").spawn().unwrap();
+    gone.wait().unwrap();
+    let pid = gone.id();
+    for args in
+        [vec!["netns", "add", &format!("cmt{pid}n0")], vec!["link", "add", &format!("cmt{pid}b"), "type", "bridge"]]
+    {
+        let status = Command::new("ip").args(&args).status().unwrap();
+        assert!(status.success(), "ip {args:?}");
+    }
+    pid
+}
+
+/// Makes a temporary root as a testnet with a dead process id would leave it.
+fn make_leftover_root() -> PathBuf {
+    let mut gone = Command::new("true").spawn().unwrap();
+    gone.wait().unwrap();
+    let root = std::env::temp_dir().join(format!("cachemesh-testnet-leftover-{}", gone.id()));
+    std::fs::create_dir_all(root.join("node-0")).unwrap();
+    std::fs::write(root.join("testnet.pid"), gone.id().to_string()).unwrap();
+    root
+}
+
+fn running_as_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").unwrap().uid() == 0
+}
+
+/// Whether this machine lets us make network namespaces and veth pairs: root, `ip` present,
+/// and the kernel and container allow it (checked by making and removing one of each).
+fn can_emulate() -> bool {
+    if !running_as_root() {
+        return false;
+    }
+    let probe = format!("cmtprobe{}", std::process::id());
+    let ip = |args: &[&str]| Command::new("ip").args(args).output().is_ok_and(|output| output.status.success());
+    let namespace = ip(&["netns", "add", &probe]);
+    if namespace {
+        ip(&["netns", "delete", &probe]);
+    }
+    let veth = ip(&["link", "add", &probe, "type", "veth", "peer", "name", &format!("{probe}p")]);
+    if veth {
+        ip(&["link", "delete", &probe]);
+    }
+    namespace && veth
+}
+
+#[test]
+fn shaped_cold_start_gets_every_node_the_object_within_one_origin_copy() {
+    // Goal: with host, slow-host and origin rates set, three nodes cold-start a 32 MiB object
+    // on emulated links (each node in its own network namespace, tc-shaped) when run as
+    // root, or on loopback otherwise, and then the report says loopback; every node gets
+    // the exact bytes, the origin sends at most one copy, and the network is gone at the end.
+    // The Kumar-Ross figure is printed beside the measured time, never asserted.
+    // As root, a leftover of a run that died (a namespace and a bridge named for a dead
+    // process) must be removed when this run starts.
+    let emulated = can_emulate();
+    let leftover = emulated.then(make_leftover);
+    let dead_root = make_leftover_root();
+    let extra =
+        ["--host-rate", "200Mbit", "--origin-rate", "100Mbit", "--slow-hosts", "0.34", "--slow-rate", "100Mbit"];
+    let (output, report, out) = run_scenario("cold-start", "3", "32MiB", &extra);
+    let out = out.keep();
+    let explanation = explain(&output, &out);
+    assert!(output.status.success(), "shaped cold-start failed:\n{explanation}");
+    assert_eq!(report["passed"], true, "{explanation}");
+    for name in ["identical_bytes", "origin_egress_one_copy"] {
+        let check = report["checks"].as_array().unwrap().iter().find(|check| check["name"] == name);
+        assert_eq!(check.unwrap_or_else(|| panic!("no check {name}:\n{explanation}"))["passed"], true, "{name}");
+    }
+    assert!(report["origin"]["egress_ratio"].as_f64().unwrap() <= 1.02, "{explanation}");
+    let network = &report["network"];
+    if emulated {
+        assert_eq!(network["mode"], "emulated", "root runs on emulated links:\n{explanation}");
+        assert!(network["subnet"].as_str().unwrap().starts_with("198.1"), "{network}");
+        assert!(network["netem_available"].is_boolean(), "netem is probed: {network}");
+        let links: Vec<u64> =
+            report["rows"].as_array().unwrap().iter().map(|row| row["link_rate"].as_u64().unwrap()).collect();
+        assert_eq!(links, [200_000_000, 200_000_000, 100_000_000], "the last third of the hosts is slow");
+        let figure = &report["kumar_ross"];
+        assert!(figure["minimum"]["seconds"].as_f64().is_some_and(f64::is_finite), "{explanation}");
+        assert!(figure["ratio"].as_f64().is_some(), "{explanation}");
+        eprintln!(
+            "shaped cold-start: measured {} s, Kumar-Ross minimum {} s, ratio {}",
+            figure["measured_seconds"], figure["minimum"]["seconds"], figure["ratio"]
+        );
+        let markdown = std::fs::read_to_string(out.join("report.md")).unwrap();
+        assert!(markdown.contains("Kumar-Ross"), "{markdown}");
+    } else {
+        assert_eq!(network["mode"], "loopback", "{explanation}");
+        // Root where namespaces or veth pairs are refused (a container without
+        // CAP_NET_ADMIN, no `ip`): the report says why it fell back.
+        let why = if running_as_root() { "unavailable" } else { "not root" };
+        assert!(network["summary"].as_str().unwrap().contains(why), "{network}");
+        assert!(report["kumar_ross"].is_null(), "no Kumar-Ross figure on loopback");
+    }
+    let named = String::from_utf8_lossy(&output.stderr).lines().any(|line| line.contains("network "));
+    assert!(named, "the testnet names its network on stderr:\n{explanation}");
+    if let Some(pid) = leftover {
+        assert_eq!(network_left_by(pid), Vec::<String>::new(), "the dead run's leftovers are removed at start");
+    }
+    assert!(!dead_root.exists(), "the dead run's temporary root {} is removed at start", dead_root.display());
+    if let Some(prefix) = network["name_prefix"].as_str() {
+        let pid: u32 = prefix.trim_start_matches("cmt").parse().unwrap();
+        assert_eq!(network_left_by(pid), Vec::<String>::new(), "the run's namespaces and links are gone");
+    }
+    std::fs::remove_dir_all(&out).unwrap();
 }
 
 #[test]
@@ -145,9 +296,21 @@ fn help_lists_every_scenario_and_parameter() {
             assert!(text.contains(word), "{args:?} does not mention {word}:\n{text}");
         }
         if args[0] == "run" {
-            for flag in
-                ["--nodes", "--object-size", "--out", "--seed", "--upload-limit", "--keep", "--bin-dir", "--timeout"]
-            {
+            for flag in [
+                "--nodes",
+                "--object-size",
+                "--out",
+                "--seed",
+                "--upload-limit",
+                "--keep",
+                "--bin-dir",
+                "--timeout",
+                "--net",
+                "--host-rate",
+                "--origin-rate",
+                "--slow-hosts",
+                "--slow-rate",
+            ] {
                 assert!(text.contains(flag), "run --help does not mention {flag}:\n{text}");
             }
         }
@@ -184,8 +347,18 @@ fn children_of(parent: u32) -> Vec<u32> {
 
 #[test]
 fn interrupt_stops_every_child_and_removes_the_temporary_root() {
-    // Goal: Ctrl-C (SIGINT) while the nodes run leaves no child process and no temporary
-    // directory behind, and exits 130.
+    // Goal: Ctrl-C (SIGINT) while the nodes run leaves no child process, no namespace or
+    // link, and no temporary directory behind, and exits 130.
+    assert_signal_cleans_up("-INT", 130);
+}
+
+#[test]
+fn terminate_stops_every_child_and_removes_the_network() {
+    // Goal: SIGTERM while the nodes run cleans up as Ctrl-C does, and exits 143.
+    assert_signal_cleans_up("-TERM", 143);
+}
+
+fn assert_signal_cleans_up(signal: &str, expected_exit: i32) {
     let out = tempfile::tempdir().unwrap();
     let mut child = testnet()
         .args(["run", "cold-start", "--nodes", "2", "--object-size", "4MiB", "--out"])
@@ -218,22 +391,24 @@ fn interrupt_stops_every_child_and_removes_the_temporary_root() {
     assert!(!processes_mentioning(&root_text).is_empty(), "no node runs under {root_text}");
     let children = children_of(child.id());
     assert!(children.len() >= 3, "moto and two nodes should be running: {children:?}");
-    let status = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    let status = Command::new("kill").args([signal, &child.id().to_string()]).status().unwrap();
     assert!(status.success());
     let deadline = Instant::now() + CLEANUP_TIMEOUT;
     let exit = loop {
         if let Some(exit) = child.try_wait().unwrap() {
             break exit;
         }
-        assert!(Instant::now() < deadline, "the testnet did not exit within {CLEANUP_TIMEOUT:?} of SIGINT");
+        assert!(Instant::now() < deadline, "the testnet did not exit within {CLEANUP_TIMEOUT:?} of kill {signal}");
         std::thread::sleep(Duration::from_millis(20));
     };
     let mut rest = String::new();
     let _ = std::io::Read::read_to_string(&mut stderr, &mut rest);
-    assert_eq!(exit.code(), Some(130), "exit after SIGINT:\n{seen}{rest}");
+    assert_eq!(exit.code(), Some(expected_exit), "exit after kill {signal}:\n{seen}{rest}");
     assert!(!root.exists(), "{} is still there", root.display());
     let left = processes_mentioning(&root_text);
     assert!(left.is_empty(), "processes left behind: {left:?}");
     let alive: Vec<u32> = children.into_iter().filter(|pid| Path::new(&format!("/proc/{pid}")).exists()).collect();
     assert!(alive.is_empty(), "children of the testnet still alive: {alive:?}");
+    let network = network_left_by(child.id());
+    assert!(network.is_empty(), "namespaces and links left behind: {network:?}");
 }
