@@ -29,7 +29,7 @@ use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
 use tokio::sync::{Semaphore, oneshot};
 
-use crate::mesh::Mesh;
+use crate::mesh::{HOLDER_ATTEMPTS_MAX, Holders, Mesh};
 use crate::origin::{Origin, OriginError};
 use crate::store::{Store, StoreError};
 
@@ -272,21 +272,56 @@ impl Fetcher {
         Ok((bytes, source, Some(entry.settled)))
     }
 
-    /// The home path: this node's copy, or one coalesced origin fetch. Serves peers that ask
-    /// this node to fetch as the chunk's home; never forwards to another node.
-    pub async fn home_chunk(&self, id: ChunkId) -> Result<Bytes, FetchError> {
-        Ok(self.home_fetch(id).await?.0)
+    /// The home path: this node's copy, else one coalesced fetch from the holders of the
+    /// object `of` names (chunk index given), else from the origin. Serves peers that ask
+    /// this node to fetch as the chunk's home; never forwards to another home node, so home
+    /// requests cannot loop.
+    pub async fn home_chunk(&self, id: ChunkId, of: Option<(ObjectId, usize)>) -> Result<Bytes, FetchError> {
+        Ok(self.home_fetch(id, of).await?.0)
     }
 
-    async fn home_fetch(&self, id: ChunkId) -> Result<(Bytes, Option<Settled>), FetchError> {
+    async fn home_fetch(
+        &self,
+        id: ChunkId,
+        of: Option<(ObjectId, usize)>,
+    ) -> Result<(Bytes, Source, Option<Settled>), FetchError> {
         if let Some(bytes) = self.store.read_chunk(&id).await.map_err(|error| FetchError::Store(Arc::new(error)))? {
-            return Ok((bytes, None));
+            return Ok((bytes, Source::Local, None));
         }
         let fetcher = self.clone();
-        let entry =
-            self.home_in_flight.join_or_start(id, move || async move { fetcher.fetch_from_origin(id, None).await });
-        let (bytes, _) = entry.answer.await?;
-        Ok((bytes, Some(entry.settled)))
+        let entry = self.home_in_flight.join_or_start(id, move || async move { fetcher.fetch_for_home(id, of).await });
+        let (bytes, source) = entry.answer.await?;
+        Ok((bytes, source, Some(entry.settled)))
+    }
+
+    async fn fetch_for_home(&self, id: ChunkId, of: Option<(ObjectId, usize)>) -> Result<Fetched, FetchError> {
+        if let (Some(mesh), Some((object, index))) = (self.mesh.get().cloned(), of)
+            && let Some(bytes) = mesh.fetch_from_holders(object, index, id).await
+        {
+            return Ok(self.keep(id, bytes, Source::Peer, Some(object)));
+        }
+        self.fetch_from_origin(id, of.map(|(object, _)| object)).await
+    }
+
+    /// This node, as the chunk's home, gets it (coalesced with peers' home requests); the
+    /// object is announced once the chunk is stored.
+    async fn fetch_as_home(
+        &self,
+        id: ChunkId,
+        of: Option<(ObjectId, usize)>,
+        mesh: Arc<Mesh>,
+    ) -> Result<Fetched, FetchError> {
+        let (bytes, source, stored) = self.home_fetch(id, of).await?;
+        let after = async move {
+            if let Some(stored) = stored {
+                stored.await;
+            }
+            if let Some((object, _)) = of {
+                mesh.provide(object).await;
+            }
+        };
+        let source = if source == Source::Local { Source::Origin } else { source };
+        Ok(Fetched { after: Some(after.boxed()), ..Fetched::done(bytes, source) })
     }
 
     async fn fetch_missing(
@@ -301,31 +336,45 @@ impl Fetcher {
             Some((context, index)) => (Some(context), index),
             None => (None, 0),
         };
-        if let Some(context) = &context
-            && let Some(bytes) = mesh.fetch_from_holders(context.object, index, id).await
-        {
-            return Ok(self.keep(id, bytes, Source::Peer, Some(context.object)));
+        let of = context.as_ref().map(|context| (context.object, index));
+        if let Some((object, index)) = of {
+            let Holders { partial, complete } = mesh.holders(object, index).await;
+            if !partial.is_empty() {
+                let order = partial.into_iter().chain(complete).take(HOLDER_ATTEMPTS_MAX).collect();
+                if let Some(bytes) = mesh.race_holders(order, id).await {
+                    return Ok(self.keep(id, bytes, Source::Peer, Some(object)));
+                }
+            } else if !complete.is_empty() {
+                // Only hosts holding the whole object have it. When many hosts read the
+                // object at once, all would ask those few, whose upload then carries every
+                // copy; instead the chunk's first home candidate that is not one of them
+                // fetches it once for the DC and serves it to the others (and they to each
+                // other, as holders).
+                let home = mesh.home_order(&id).into_iter().find(|candidate| {
+                    candidate.is_none_or(|home| !complete.iter().any(|holder| holder.peer_id == home.peer_id))
+                });
+                match home {
+                    Some(None) => return self.fetch_as_home(id, of, mesh).await,
+                    Some(Some(home)) => {
+                        if let Some(bytes) = mesh.fetch_from_home(&home, id, of).await {
+                            return Ok(self.keep(id, bytes, Source::Home, Some(object)));
+                        }
+                    }
+                    None => {}
+                }
+                let order = complete.into_iter().take(HOLDER_ATTEMPTS_MAX).collect();
+                if let Some(bytes) = mesh.race_holders(order, id).await {
+                    return Ok(self.keep(id, bytes, Source::Peer, Some(object)));
+                }
+            }
         }
         for home in mesh.home_order(&id) {
             match home {
-                None => {
-                    // This node is the home: coalesce with peers' home requests.
-                    // The home path stores the chunk; announce the object once it has.
-                    let (bytes, stored) = self.home_fetch(id).await?;
-                    let object = context.as_ref().map(|context| context.object);
-                    let after = async move {
-                        if let Some(stored) = stored {
-                            stored.await;
-                        }
-                        if let Some(object) = object {
-                            mesh.provide(object).await;
-                        }
-                    };
-                    return Ok(Fetched { after: Some(after.boxed()), ..Fetched::done(bytes, Source::Origin) });
-                }
+                // This node is the home: coalesce with peers' home requests.
+                None => return self.fetch_as_home(id, of, mesh).await,
                 Some(peer) => {
-                    if let Some(bytes) = mesh.fetch_from_home(&peer, id).await {
-                        return Ok(self.keep(id, bytes, Source::Home, context.as_ref().map(|context| context.object)));
+                    if let Some(bytes) = mesh.fetch_from_home(&peer, id, of).await {
+                        return Ok(self.keep(id, bytes, Source::Home, of.map(|(object, _)| object)));
                     }
                 }
             }

@@ -200,6 +200,25 @@ impl Drop for InFlight<'_> {
     }
 }
 
+/// Members holding a chunk, least loaded first.
+#[derive(Debug, Default)]
+pub struct Holders {
+    /// Holders that lack some chunks of the object (still fetching it, or partly evicted).
+    pub partial: Vec<PeerTarget>,
+    /// Holders of the whole object: in a storm, the node that put it and the first to finish.
+    pub complete: Vec<PeerTarget>,
+}
+
+/// Whether a have-set looks like a whole object: its set bits are exactly a prefix that ends
+/// in its last byte. The bitmap is ceil(chunks / 8) bytes, so a holder that lacks only some of
+/// the last byte's chunks counts too; only the order in which holders are asked depends on it.
+fn have_set_is_complete(bitmap: &[u8]) -> bool {
+    match bitmap.split_last() {
+        None => false,
+        Some((last, full)) => full.iter().all(|byte| *byte == 0xff) && *last != 0 && last & last.wrapping_add(1) == 0,
+    }
+}
+
 /// This node's membership in its DC's mesh.
 pub struct Mesh {
     identity: NodeIdentity,
@@ -247,8 +266,9 @@ impl ChunkService for Serve {
         self.fetcher.store().read_chunk(&id).await.ok().flatten()
     }
 
-    async fn home_fetch(&self, id: ChunkId) -> Result<Bytes, HomeFetchError> {
-        self.fetcher.home_chunk(id).await.map_err(|error| match error {
+    async fn home_fetch(&self, id: ChunkId, of: Option<(ObjectId, u32)>) -> Result<Bytes, HomeFetchError> {
+        let of = of.map(|(object, index)| (object, index as usize));
+        self.fetcher.home_chunk(id, of).await.map_err(|error| match error {
             FetchError::NotFound(_) => HomeFetchError::NotFound,
             FetchError::Origin(origin) => HomeFetchError::OriginUnavailable(origin.to_string()),
             other => HomeFetchError::Internal(other.to_string()),
@@ -494,11 +514,20 @@ impl Mesh {
     }
 
     /// The chunk at `index` of `object` from a peer that holds it, verified; `None` when no
-    /// holder could give it.
+    /// holder could give it. Holders still fetching the object are asked before those that
+    /// hold all of it.
     pub async fn fetch_from_holders(self: &Arc<Self>, object: ObjectId, index: usize, chunk: ChunkId) -> Option<Bytes> {
+        let Holders { mut partial, complete } = self.holders(object, index).await;
+        partial.extend(complete);
+        self.race_holders(partial.into_iter().take(HOLDER_ATTEMPTS_MAX).collect(), chunk).await
+    }
+
+    /// Live, unpenalised members that hold chunk `index` of `object`, least loaded first,
+    /// split by whether they hold the whole object.
+    pub async fn holders(self: &Arc<Self>, object: ObjectId, index: usize) -> Holders {
         let providers = self.providers(object).await;
         if providers.is_empty() {
-            return None;
+            return Holders::default();
         }
         let now = Instant::now();
         // Only live members that are not being avoided: a killed holder stays in provider
@@ -509,7 +538,7 @@ impl Mesh {
             .filter(|target| !self.avoided(&target.peer_id, now))
             .collect();
         if targets.is_empty() {
-            return None;
+            return Holders::default();
         }
         // Ask a bounded number of holders, least loaded first; rotating by chunk index
         // spreads equally loaded holders over the chunks of an object.
@@ -531,28 +560,32 @@ impl Mesh {
             }
         }))
         .await;
-        let mut candidates: Vec<(usize, PeerTarget)> = {
+        let mut candidates: Vec<(usize, bool, PeerTarget)> = {
             let load = self.lock_load();
             targets
                 .into_iter()
                 .zip(have_sets)
-                .filter(|(_, bitmap)| bitmap.as_ref().is_some_and(|bitmap| have_set_contains(bitmap, index)))
-                .filter_map(|(target, _)| {
+                .filter_map(|(target, bitmap)| {
+                    let bitmap = bitmap.filter(|bitmap| have_set_contains(bitmap, index))?;
                     let state = load.get(&target.peer_id);
                     let penalised = state.and_then(|state| state.penalised_until).is_some_and(|until| until > now);
-                    (!penalised).then(|| (state.map_or(0, |state| state.in_flight), target))
+                    let in_flight = state.map_or(0, |state| state.in_flight);
+                    (!penalised).then(|| (in_flight, have_set_is_complete(&bitmap), target))
                 })
                 .collect()
         };
-        candidates.sort_by_key(|(in_flight, _)| *in_flight);
-        self.race_holders(candidates.into_iter().map(|(_, target)| target).take(HOLDER_ATTEMPTS_MAX).collect(), chunk)
-            .await
+        candidates.sort_by_key(|(in_flight, _, _)| *in_flight);
+        let mut holders = Holders::default();
+        for (_, complete, target) in candidates {
+            if complete { holders.complete.push(target) } else { holders.partial.push(target) }
+        }
+        holders
     }
 
     /// Asks `holders` in order for `chunk`: the next one when the previous fails, or when it
     /// is slower than the hedge delay (then both race and the first verified answer wins;
     /// the loser's stream is reset when its future drops).
-    async fn race_holders(&self, holders: Vec<PeerTarget>, chunk: ChunkId) -> Option<Bytes> {
+    pub async fn race_holders(&self, holders: Vec<PeerTarget>, chunk: ChunkId) -> Option<Bytes> {
         let mut waiting = holders.into_iter();
         let mut racing = FuturesUnordered::new();
         loop {
@@ -585,7 +618,7 @@ impl Mesh {
     /// succeeds; `is_hedge` is handed back with the result.
     async fn timed_request(&self, peer: PeerTarget, chunk: ChunkId, is_hedge: bool) -> (Option<Bytes>, bool) {
         let started = Instant::now();
-        let result = self.request(&peer, chunk, false).await;
+        let result = self.request(&peer, chunk, None).await;
         if result.is_some() {
             self.lock_hedge().record_success(started.elapsed());
         }
@@ -593,11 +626,19 @@ impl Mesh {
     }
 
     /// The chunk from its home node `peer` (which fetches it from the origin if needed).
-    pub async fn fetch_from_home(&self, peer: &PeerTarget, chunk: ChunkId) -> Option<Bytes> {
+    /// Chunk `chunk` from `peer` as its home node; `of` names an object it belongs to and
+    /// its index there, so the home may fetch it from that object's holders.
+    pub async fn fetch_from_home(
+        &self,
+        peer: &PeerTarget,
+        chunk: ChunkId,
+        of: Option<(ObjectId, usize)>,
+    ) -> Option<Bytes> {
         if self.avoided(&peer.peer_id, Instant::now()) {
             return None;
         }
-        self.request(peer, chunk, true).await
+        let of = of.and_then(|(object, index)| Some((object, u32::try_from(index).ok()?)));
+        self.request(peer, chunk, Some(of)).await
     }
 
     fn avoid(&self, peer: &PeerId, duration: Duration) {
@@ -612,13 +653,15 @@ impl Mesh {
         self.lock_load().get(peer).and_then(|state| state.penalised_until).is_some_and(|until| until > now)
     }
 
-    async fn request(&self, peer: &PeerTarget, chunk: ChunkId, home: bool) -> Option<Bytes> {
+    /// A chunk request to a holder (`home` None) or to a home node (`home` the object the
+    /// chunk is fetched for, if known).
+    async fn request(&self, peer: &PeerTarget, chunk: ChunkId, home: Option<Option<(ObjectId, u32)>>) -> Option<Bytes> {
         let in_flight = InFlight::start(self, peer.peer_id);
-        let result = if home {
-            self.data_plane.home_fetch(peer, chunk).await
-        } else {
-            self.data_plane.get_chunk(peer, chunk).await
+        let result = match home {
+            Some(of) => self.data_plane.home_fetch(peer, chunk, of).await,
+            None => self.data_plane.get_chunk(peer, chunk).await,
         };
+        let home = home.is_some();
         drop(in_flight);
         let mut load = self.lock_load();
         let state = load.entry(peer.peer_id).or_default();
@@ -680,5 +723,21 @@ impl Mesh {
             members: self.discovery.members().len() as u64,
             provided_objects: self.lock_provided().len() as u64,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn complete_have_sets_are_a_full_prefix() {
+        assert!(have_set_is_complete(&[0xff, 0xff, 0x07]));
+        assert!(have_set_is_complete(&[0x01]));
+        assert!(have_set_is_complete(&[0xff]));
+        assert!(!have_set_is_complete(&[]));
+        assert!(!have_set_is_complete(&[0xff, 0x00]));
+        assert!(!have_set_is_complete(&[0xfe, 0x07]));
+        assert!(!have_set_is_complete(&[0xff, 0x05]));
     }
 }

@@ -261,8 +261,14 @@ pub trait ChunkService: Send + Sync + 'static {
     fn have_set(&self, peer: PeerId, object: ObjectId) -> impl Future<Output = Option<(u32, Vec<u8>)>> + Send;
     /// A verified local chunk, None if not held.
     fn local_chunk(&self, id: ChunkId) -> impl Future<Output = Option<Bytes>> + Send;
-    /// As home node: the chunk from the local store or the origin (coalesced), verified.
-    fn home_fetch(&self, id: ChunkId) -> impl Future<Output = Result<Bytes, HomeFetchError>> + Send;
+    /// As home node: the chunk from the local store, else (when `of` names an object and
+    /// the chunk's index in it) from holders of that object, else the origin; coalesced,
+    /// verified.
+    fn home_fetch(
+        &self,
+        id: ChunkId,
+        of: Option<(ObjectId, u32)>,
+    ) -> impl Future<Output = Result<Bytes, HomeFetchError>> + Send;
 }
 
 /// Why a home fetch failed on the serving node.
@@ -300,10 +306,10 @@ pub struct DataPlaneConfig {
     pub admission_key: [u8; 32],
     /// Upload budget shared by all peers, in bytes per second; None for unlimited.
     pub upload_limit_bytes_per_second: Option<u64>,
-    /// Test fault: GetChunk answers have one byte flipped.
+    /// Test fault: chunks served to peers (GetChunk and home fetches) have one byte flipped.
     #[cfg(feature = "test-faults")]
     pub corrupt_served_chunks: bool,
-    /// Test fault: GetChunk answers wait this long before their first byte (a slow peer).
+    /// Test fault: chunks served to peers wait this long before their first byte (a slow peer).
     #[cfg(feature = "test-faults")]
     pub delay_served_chunks: Duration,
 }
@@ -629,12 +635,19 @@ impl DataPlane {
         count_peer_error(peer, result)
     }
 
-    /// Chunk `id` from `peer` acting as its home node (its store or the origin); verified.
-    pub async fn home_fetch(&self, peer: &PeerTarget, id: ChunkId) -> Result<Bytes, PeerError> {
-        let result = self
-            .request(peer, Request::HomeFetch(id), HOME_FETCH_TIMEOUT)
-            .await
-            .and_then(|answer| verified(answer, id));
+    /// Chunk `id` from `peer` acting as its home node (its store, the holders of `of`'s
+    /// object when given, or the origin); verified.
+    pub async fn home_fetch(
+        &self,
+        peer: &PeerTarget,
+        id: ChunkId,
+        of: Option<(ObjectId, u32)>,
+    ) -> Result<Bytes, PeerError> {
+        let request = match of {
+            Some((object, index)) => Request::HomeFetchOf { id, object, index },
+            None => Request::HomeFetch(id),
+        };
+        let result = self.request(peer, request, HOME_FETCH_TIMEOUT).await.and_then(|answer| verified(answer, id));
         count_peer_error(peer, result)
     }
 
@@ -1283,7 +1296,7 @@ fn request_kind(request: &Request) -> &'static str {
     match request {
         Request::HaveSet(_) => "have_set",
         Request::GetChunk { .. } => "get_chunk",
-        Request::HomeFetch(_) => "home_fetch",
+        Request::HomeFetch(_) | Request::HomeFetchOf { .. } => "home_fetch",
     }
 }
 
@@ -1427,7 +1440,11 @@ impl<S: ChunkService> Server<S> {
             send_refusal(send, refusal(Status::Busy, "serving too many requests")).await;
             return;
         };
-        let limit = if matches!(request, Request::HomeFetch(_)) { HOME_FETCH_TIMEOUT } else { REQUEST_TIMEOUT };
+        let limit = if matches!(request, Request::HomeFetch(_) | Request::HomeFetchOf { .. }) {
+            HOME_FETCH_TIMEOUT
+        } else {
+            REQUEST_TIMEOUT
+        };
         let outcome = tokio::select! {
             () = self.shutdown.cancelled() => Err(ServeError::ShuttingDown),
             answered = timeout(limit, self.answer(peer_id, request, &mut send)) => answered.unwrap_or(Err(ServeError::TimedOut)),
@@ -1475,12 +1492,20 @@ impl<S: ChunkService> Server<S> {
                 let body = self.fault(chunk.slice(range)).await;
                 self.send_chunk(send, body).await
             }
-            Request::HomeFetch(id) => {
+            Request::HomeFetch(_) | Request::HomeFetchOf { .. } => {
+                let (id, of) = match request {
+                    Request::HomeFetchOf { id, object, index } => (id, Some((object, index))),
+                    Request::HomeFetch(id) => (id, None),
+                    _ => unreachable!("matched above"),
+                };
                 if let Some(busy) = self.upload_backlog_refusal() {
                     return write_head(send, &busy).await;
                 }
-                match self.service.home_fetch(id).await {
-                    Ok(chunk) => self.send_chunk(send, chunk).await,
+                match self.service.home_fetch(id, of).await {
+                    Ok(chunk) => {
+                        let body = self.fault(chunk).await;
+                        self.send_chunk(send, body).await
+                    }
                     Err(HomeFetchError::NotFound) => {
                         write_head(send, &refusal(Status::NotFound, "chunk not at the origin")).await
                     }
@@ -1647,6 +1672,8 @@ mod tests {
         calls: AtomicUsize,
         /// Who asked for have-sets, in order.
         have_set_askers: Mutex<Vec<PeerId>>,
+        /// The object named by each home fetch, in order.
+        home_fetch_objects: Mutex<Vec<Option<(ObjectId, u32)>>>,
         /// When set, `local_chunk` reports its start and waits for a permit.
         gate: Option<Gate>,
     }
@@ -1672,8 +1699,9 @@ mod tests {
             self.chunks.get(&id).cloned()
         }
 
-        async fn home_fetch(&self, id: ChunkId) -> Result<Bytes, HomeFetchError> {
+        async fn home_fetch(&self, id: ChunkId, of: Option<(ObjectId, u32)>) -> Result<Bytes, HomeFetchError> {
             self.calls.fetch_add(1, Ordering::SeqCst);
+            self.home_fetch_objects.lock().unwrap().push(of);
             self.origin.get(&id).cloned().unwrap_or(Err(HomeFetchError::NotFound))
         }
     }
@@ -1742,10 +1770,13 @@ mod tests {
         assert_eq!(*server.service.have_set_askers.lock().unwrap(), vec![client.plane.peer_id(); 2]);
         assert_eq!(client.plane.get_chunk(&peer, id).await, Ok(chunk.clone()));
         assert_eq!(client.plane.get_chunk(&peer, ChunkId::of(b"absent")).await, Err(PeerError::NotFound));
-        assert_eq!(client.plane.home_fetch(&peer, homed_id).await, Ok(homed));
-        assert_eq!(client.plane.home_fetch(&peer, ChunkId::of(b"nowhere")).await, Err(PeerError::NotFound));
+        assert_eq!(client.plane.home_fetch(&peer, homed_id, None).await, Ok(homed.clone()));
+        assert_eq!(client.plane.home_fetch(&peer, homed_id, Some((object, 7))).await, Ok(homed));
+        // The service learns which object the chunk was fetched for, when it is named.
+        assert_eq!(*server.service.home_fetch_objects.lock().unwrap(), vec![None, Some((object, 7))]);
+        assert_eq!(client.plane.home_fetch(&peer, ChunkId::of(b"nowhere"), None).await, Err(PeerError::NotFound));
         assert!(matches!(
-            client.plane.home_fetch(&peer, unavailable_id).await,
+            client.plane.home_fetch(&peer, unavailable_id, None).await,
             Err(PeerError::Remote { status: Status::OriginUnavailable, message }) if message == "s3 is down"
         ));
 
@@ -1784,7 +1815,7 @@ mod tests {
         let refused = PeerError::Admission(AdmissionFailure::RefusedByPeer);
         assert_eq!(outsider.plane.have_set(&member.target(), object).await, Err(refused.clone()));
         assert_eq!(outsider.plane.get_chunk(&member.target(), id).await, Err(refused.clone()));
-        assert_eq!(outsider.plane.home_fetch(&member.target(), id).await, Err(refused.clone()));
+        assert_eq!(outsider.plane.home_fetch(&member.target(), id, None).await, Err(refused.clone()));
         assert_eq!(member.service.calls.load(Ordering::SeqCst), 0);
 
         // The other direction: the outsider, which checks first, refuses the member.
@@ -1943,7 +1974,7 @@ mod tests {
         let server = start(CLUSTER, service).await;
         let client = start(CLUSTER, FakeService::default()).await;
         assert_eq!(client.plane.get_chunk(&server.target(), id).await, Err(PeerError::Corrupt { chunk: id }));
-        assert_eq!(client.plane.home_fetch(&server.target(), id).await, Err(PeerError::Corrupt { chunk: id }));
+        assert_eq!(client.plane.home_fetch(&server.target(), id, None).await, Err(PeerError::Corrupt { chunk: id }));
     }
 
     #[cfg(feature = "test-faults")]

@@ -160,11 +160,22 @@ pub enum Request {
     },
     /// As the chunk's home node, get it (from your store or the origin) and send it whole.
     HomeFetch(ChunkId),
+    /// As the chunk's home node, get it (from your store, the holders of `object`, or the
+    /// origin) and send it whole; `index` is the chunk's place in the object.
+    HomeFetchOf {
+        /// The chunk.
+        id: ChunkId,
+        /// An object it belongs to, whose holders the home may ask.
+        object: ObjectId,
+        /// The chunk's index in that object.
+        index: u32,
+    },
 }
 
 const TAG_HAVE_SET: u8 = 1;
 const TAG_GET_CHUNK: u8 = 2;
 const TAG_HOME_FETCH: u8 = 3;
+const TAG_HOME_FETCH_OF: u8 = 4;
 
 fn id_at(bytes: &[u8], at: usize) -> [u8; ID_BYTES] {
     let mut id = [0u8; ID_BYTES];
@@ -178,7 +189,7 @@ fn u32_at(bytes: &[u8], at: usize) -> u32 {
 
 impl Request {
     /// Largest encoded request.
-    pub const ENCODED_BYTES_MAX: usize = 1 + ID_BYTES + 8;
+    pub const ENCODED_BYTES_MAX: usize = 1 + 2 * ID_BYTES + 4;
 
     /// Encodes the request.
     pub fn encode(&self) -> Vec<u8> {
@@ -198,6 +209,12 @@ impl Request {
                 out.push(TAG_HOME_FETCH);
                 out.extend_from_slice(id.as_bytes());
             }
+            Self::HomeFetchOf { id, object, index } => {
+                out.push(TAG_HOME_FETCH_OF);
+                out.extend_from_slice(id.as_bytes());
+                out.extend_from_slice(object.as_bytes());
+                out.extend_from_slice(&index.to_le_bytes());
+            }
         }
         out
     }
@@ -208,6 +225,7 @@ impl Request {
         let needed = match tag {
             TAG_HAVE_SET | TAG_HOME_FETCH => 1 + ID_BYTES,
             TAG_GET_CHUNK => 1 + ID_BYTES + 8,
+            TAG_HOME_FETCH_OF => 1 + 2 * ID_BYTES + 4,
             other => return Err(FrameError::UnknownTag(other)),
         };
         if bytes.len() < needed {
@@ -217,6 +235,11 @@ impl Request {
         let request = match tag {
             TAG_HAVE_SET => Self::HaveSet(ObjectId::from_bytes(id)),
             TAG_HOME_FETCH => Self::HomeFetch(ChunkId::from_bytes(id)),
+            TAG_HOME_FETCH_OF => Self::HomeFetchOf {
+                id: ChunkId::from_bytes(id),
+                object: ObjectId::from_bytes(id_at(bytes, 1 + ID_BYTES)),
+                index: u32_at(bytes, 1 + 2 * ID_BYTES),
+            },
             _ => {
                 let (offset, length) = (u32_at(bytes, 1 + ID_BYTES), u32_at(bytes, 5 + ID_BYTES));
                 let end = u64::from(offset) + u64::from(length);
@@ -402,6 +425,11 @@ mod tests {
         prop_oneof![
             any::<[u8; 32]>().prop_map(|b| Request::HaveSet(ObjectId::from_bytes(b))),
             any::<[u8; 32]>().prop_map(|b| Request::HomeFetch(ChunkId::from_bytes(b))),
+            (any::<[u8; 32]>(), any::<[u8; 32]>(), any::<u32>()).prop_map(|(c, o, index)| Request::HomeFetchOf {
+                id: ChunkId::from_bytes(c),
+                object: ObjectId::from_bytes(o),
+                index
+            }),
             (any::<[u8; 32]>(), 0..CHUNK_BYTES_MAX)
                 .prop_flat_map(|(b, offset)| { (Just(b), Just(offset), 0..=(CHUNK_BYTES_MAX - offset)) })
                 .prop_map(|(b, offset, length)| Request::GetChunk { id: ChunkId::from_bytes(b), offset, length }),
