@@ -320,7 +320,6 @@ impl Fetcher {
                 mesh.provide(object).await;
             }
         };
-        let source = if source == Source::Local { Source::Origin } else { source };
         Ok(Fetched { after: Some(after.boxed()), ..Fetched::done(bytes, source) })
     }
 

@@ -553,8 +553,13 @@ impl Mesh {
             match tokio::time::timeout(HAVE_SET_WAIT, self.have_set(target, object, index)).await {
                 Ok(bitmap) => bitmap,
                 Err(_) => {
-                    // Too slow to answer a tiny request: busy or gone. Others serve meanwhile.
-                    self.avoid(&target.peer_id, PEER_UNREACHABLE_BACKOFF);
+                    // Too slow to answer a tiny request: gone, or busy on a saturated link.
+                    // Skip it this time either way; avoid it for a while only when its
+                    // connection is gone too, since avoiding a live but busy holder sends
+                    // readers to the origin for chunks the DC has.
+                    if !self.data_plane.is_connected(&target.peer_id) {
+                        self.avoid(&target.peer_id, PEER_UNREACHABLE_BACKOFF);
+                    }
                     None
                 }
             }

@@ -600,6 +600,17 @@ impl DataPlane {
         })
     }
 
+    /// Whether an admitted connection to `peer` is open and not closed (as far as QUIC
+    /// knows: a dead peer's connection closes within [`IDLE_TIMEOUT`]). Never waits: a slot
+    /// busy connecting counts as not connected.
+    pub fn is_connected(&self, peer: &PeerId) -> bool {
+        let slot = self.shared.peers.lock().unwrap_or_else(PoisonError::into_inner).get(peer).cloned();
+        slot.is_some_and(|slot| {
+            slot.try_lock()
+                .is_ok_and(|state| state.connection.as_ref().is_some_and(|connection| connection.close_reason().is_none()))
+        })
+    }
+
     /// The UDP address the data plane listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.shared.local_addr
