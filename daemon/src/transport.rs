@@ -606,8 +606,9 @@ impl DataPlane {
     pub fn is_connected(&self, peer: &PeerId) -> bool {
         let slot = self.shared.peers.lock().unwrap_or_else(PoisonError::into_inner).get(peer).cloned();
         slot.is_some_and(|slot| {
-            slot.try_lock()
-                .is_ok_and(|state| state.connection.as_ref().is_some_and(|connection| connection.close_reason().is_none()))
+            slot.try_lock().is_ok_and(|state| {
+                state.connection.as_ref().is_some_and(|connection| connection.close_reason().is_none())
+            })
         })
     }
 
