@@ -171,13 +171,15 @@ pub const INITIAL_RTT: Duration = Duration::from_millis(1);
 ///
 /// Why: a cached connection stays warm (no handshake + Hello before the next chunk), and a
 /// dead peer shows up within [`IDLE_TIMEOUT`] even while a request waits on it.
-pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(2);
+pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Silence after which a connection is dropped.
 ///
-/// Why: datacenter peers answer in microseconds; 10 s of silence despite keep-alives means
-/// the peer is gone, and its slot should be free for others (quinn's default is 30 s).
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Why: datacenter peers answer in microseconds, and a saturated link still carries ACKs and
+/// keep-alives; 4 s of complete silence means the peer is gone. A request in flight to a
+/// peer that died (a home fetch, say) waits this long before the reader moves on, so it is
+/// kept short (quinn's default is 30 s).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 
 /// Cubic's initial congestion window.
 ///
