@@ -510,7 +510,7 @@ async fn cli_files_and_prefetch_commands_work() {
         serde_json::from_str(&run(vec!["files", "--volume", "cli", "ls", "dir", "--json"]).await).unwrap();
     assert_eq!(ls.len(), 1);
     assert_eq!((ls[0].path.as_str(), ls[0].object_id, ls[0].size), ("dir/a.bin", expected.object_id(), 2 * CHUNK + 3));
-    let text = run(vec!["files", "--volume", "cli", "ls"]).await;
+    let text = run(vec!["files", "ls", "--volume", "cli"]).await;
     assert!(text.contains("dir/a.bin") && text.contains(&(2 * CHUNK + 3).to_string()), "{text}");
     let stat: FileEntry =
         serde_json::from_str(&run(vec!["files", "--volume", "cli", "stat", "dir/a.bin", "--json"]).await).unwrap();
@@ -532,6 +532,10 @@ async fn cli_files_and_prefetch_commands_work() {
     assert!(!missing.status.success());
     let stderr = String::from_utf8_lossy(&missing.stderr);
     assert!(stderr.lines().count() == 1 && stderr.contains("file_not_found"), "{stderr:?}");
+    let no_volume = daemon.cli(&["files", "ls"]).await;
+    assert!(!no_volume.status.success(), "files without a volume must fail");
+    let stderr = String::from_utf8_lossy(&no_volume.stderr);
+    assert!(stderr.lines().count() == 1 && stderr.contains("--volume"), "{stderr:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

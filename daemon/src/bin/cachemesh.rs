@@ -64,9 +64,9 @@ enum Command {
     },
     /// Files of a volume: list, upload, download, move, remove, stat.
     Files {
-        /// The volume.
-        #[arg(long, env = "CACHEMESH_VOLUME", value_name = "VOLUME")]
-        volume: String,
+        /// The volume (before or after the files command); required.
+        #[arg(long, global = true, env = "CACHEMESH_VOLUME", value_name = "VOLUME")]
+        volume: Option<String>,
         #[command(subcommand)]
         command: FilesCommand,
     },
@@ -509,7 +509,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status { json } => status(&client, json).await,
         Command::Pin { id } => pin(&client, &id, true).await,
         Command::Unpin { id } => pin(&client, &id, false).await,
-        Command::Files { volume, command } => files(&client, &volume, command).await,
+        Command::Files { volume, command } => {
+            let Some(volume) = volume else {
+                bail!("which volume? give --volume VOLUME or set CACHEMESH_VOLUME");
+            };
+            files(&client, &volume, command).await
+        }
         Command::Prefetch { volume, paths, json } => prefetch(&client, &volume, &paths, json).await,
         Command::ClusterKey { command: ClusterKeyCommand::New { file } } => cluster_key_new(&file),
     }
