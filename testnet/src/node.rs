@@ -122,6 +122,9 @@ pub struct NodeSpec {
     pub place: Place,
     /// Serve peers corrupt chunks (the test-only fault switch).
     pub corrupt_served_chunks: bool,
+    /// Wait this many milliseconds before serving each chunk to a peer (the test-only
+    /// fault switch `--fault-slow-served-chunks-ms`).
+    pub slow_served_chunks_ms: Option<u64>,
 }
 
 /// A started node.
@@ -164,7 +167,12 @@ impl Node {
         std::fs::create_dir_all(&dir).map_err(io("cannot create its directory"))?;
         let socket = dir.join("api.sock");
         let log_path = dir.join("cachemeshd.log");
-        let log = std::fs::File::create(&log_path).map_err(io("cannot create its log"))?;
+        // Appended to, so that a node restarted on the same directory keeps its first life's log.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(io("cannot create its log"))?;
         let log_err = log.try_clone().map_err(io("cannot duplicate its log"))?;
         let mut args: Vec<String> = vec![
             "--data-dir".into(),
@@ -193,6 +201,9 @@ impl Node {
         if spec.corrupt_served_chunks {
             args.extend(["--fault-corrupt-served-chunks".into(), "true".into()]);
         }
+        if let Some(delay_ms) = spec.slow_served_chunks_ms {
+            args.extend(["--fault-slow-served-chunks-ms".into(), delay_ms.to_string()]);
+        }
         // In an emulated network the daemon runs in its namespace through `ip netns exec`,
         // which execs it: the child's pid is the daemon's, as on loopback.
         let mut program: Vec<String> = Vec::new();
@@ -207,7 +218,12 @@ impl Node {
         for (key, value) in crate::origin::daemon_env(&spec.origin_endpoint) {
             command.env(key, value);
         }
-        std::fs::write(dir.join("command-line"), format!("{} {}\n", program.join(" "), args.join(" ")))
+        let command_line = format!("{} {}\n", program.join(" "), args.join(" "));
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("command-line"))
+            .and_then(|mut file| std::io::Write::write_all(&mut file, command_line.as_bytes()))
             .map_err(io("cannot record its command line"))?;
         let handle = processes.spawn(&format!("node-{index}"), command).map_err(|source| NodeError::Spawn {
             index,

@@ -9,14 +9,19 @@
 //! which node (and so which DC) pulled bytes from the origin without trusting the node's
 //! own accounting.
 //!
+//! An outage ([`Proxy::set_outage`]) makes the origin unreachable as the nodes see it: new
+//! connections are closed as soon as they are accepted, and a request on a connection the
+//! node already has is dropped without an answer (the connection closes), so the node's S3
+//! client sees transport errors, retries within its bounds, and gives up. Nothing reaches
+//! the upstream meanwhile; each refused connection or request is counted.
+//!
 //! Non-goals: connection reuse towards the upstream, and changing anything in flight.
 //! Invariant: a counted byte is a byte that was read from the upstream's answer.
 
-use std::convert::Infallible;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -40,6 +45,9 @@ pub struct ProxyCounters {
     chunk_get_bytes: AtomicU64,
     puts: AtomicU64,
     upstream_errors: AtomicU64,
+    refused: AtomicU64,
+    /// Whether the origin is "down" (see [`Proxy::set_outage`]).
+    outage: AtomicBool,
 }
 
 /// A reading of [`ProxyCounters`].
@@ -55,6 +63,8 @@ pub struct ProxyFigures {
     pub puts: u64,
     /// Requests the upstream could not answer (answered 502 by the proxy).
     pub upstream_errors: u64,
+    /// Connections and requests closed unanswered during an origin outage.
+    pub refused: u64,
 }
 
 impl ProxyFigures {
@@ -65,6 +75,7 @@ impl ProxyFigures {
         self.chunk_get_bytes += other.chunk_get_bytes;
         self.puts += other.puts;
         self.upstream_errors += other.upstream_errors;
+        self.refused += other.refused;
     }
 }
 
@@ -77,6 +88,7 @@ impl ProxyCounters {
             chunk_get_bytes: self.chunk_get_bytes.load(Ordering::Relaxed),
             puts: self.puts.load(Ordering::Relaxed),
             upstream_errors: self.upstream_errors.load(Ordering::Relaxed),
+            refused: self.refused.load(Ordering::Relaxed),
         }
     }
 }
@@ -107,6 +119,11 @@ impl Proxy {
     pub fn figures(&self) -> ProxyFigures {
         self.counters.read()
     }
+
+    /// Starts (`true`) or ends (`false`) an outage of the origin behind this proxy.
+    pub fn set_outage(&self, outage: bool) {
+        self.counters.outage.store(outage, Ordering::SeqCst);
+    }
 }
 
 async fn accept_loop(
@@ -124,6 +141,11 @@ async fn accept_loop(
                 Err(_) => continue,
             },
         };
+        if counters.outage.load(Ordering::SeqCst) {
+            counters.refused.fetch_add(1, Ordering::Relaxed);
+            drop(stream);
+            continue;
+        }
         let _ = stream.set_nodelay(true);
         let counters = counters.clone();
         let shutdown = shutdown.clone();
@@ -141,11 +163,21 @@ async fn accept_loop(
 
 type ProxyBody = BoxBody<Bytes, hyper::Error>;
 
+/// A request dropped unanswered because the origin is in an outage; returning it from the
+/// service makes hyper close the connection.
+#[derive(Debug, thiserror::Error)]
+#[error("the origin is in an outage (testnet)")]
+struct Outage;
+
 async fn forward(
     request: Request<Incoming>,
     upstream: SocketAddr,
     counters: Arc<ProxyCounters>,
-) -> Result<Response<ProxyBody>, Infallible> {
+) -> Result<Response<ProxyBody>, Outage> {
+    if counters.outage.load(Ordering::SeqCst) {
+        counters.refused.fetch_add(1, Ordering::Relaxed);
+        return Err(Outage);
+    }
     counters.requests.fetch_add(1, Ordering::Relaxed);
     let is_chunk_get = request.method() == Method::GET && request.uri().path().contains(CHUNK_PATH_MARKER);
     if is_chunk_get {

@@ -11,9 +11,14 @@
 //! rates: the put node, which holds the object once it has put it, is a seed beside the
 //! origin, and the other nodes are the downloaders.
 //!
-//! Choices made from the seed (the object's bytes, which node is killed or faulty) are
-//! recorded in the report, so `--seed` repeats a trial exactly as far as the testnet
-//! decides it.
+//! origin-outage (after the outage) and churn (as a fault-free reference) put a second
+//! object (seed + 1) after the first phase; its origin egress is never part of an egress
+//! check.
+//!
+//! Choices made from the seed (the object's bytes, which nodes are killed, restarted,
+//! faulty or slow, when each joins) are recorded in the report, so `--seed` repeats a
+//! trial exactly as far as the testnet decides it. Timings (the kill point, the restarts,
+//! the daemons' own choices) are not repeated exactly.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -32,6 +37,8 @@ use crate::report::{BySource, Check, KumarRossReport, NodeRow, OriginReport, Par
 use crate::shaping::{Downloader, Rate, RatePlan, kumar_ross};
 use crate::testbed::{Layout, SetupError, Testbed};
 use crate::transfer::{PutError, Reader, Transfer, get_all, put};
+use cachemesh_daemon::client::ClientError;
+use cachemesh_proto::api::ErrorCode;
 
 /// Origin egress allowed per DC, as a multiple of the object size: one copy plus 2%
 /// (retries of a chunk whose answer broke off, and error bodies, are counted too).
@@ -41,6 +48,27 @@ pub const EGRESS_RATIO_PER_DC_MAX: f64 = 1.02;
 pub const KILL_AT_PROGRESS_FRACTION: f64 = 0.3;
 /// How long a killed node may take to be gone.
 const KILL_TIMEOUT: Duration = Duration::from_secs(10);
+/// In churn, the share of the nodes other than node 0 that is SIGKILLed (at least one, and
+/// at least one of them survives); the first half of the killed (rounded up) is restarted.
+pub const CHURN_KILL_FRACTION: f64 = 0.25;
+/// In churn, origin egress allowed, as a multiple of the object size: chunks the killed
+/// nodes were fetching from the origin may leave it again.
+pub const CHURN_EGRESS_RATIO_MAX: f64 = 1.3;
+/// In slow-peer, how long the slow node waits before serving each chunk to a peer: above
+/// the daemon's initial hedge delay (`HEDGE_DELAY_INITIAL`, 250 ms), so that requests to
+/// it are worth hedging.
+pub const SLOW_PEER_DELAY_MS: u64 = 1000;
+/// In origin-outage, how long a GET of an object that only the (unreachable) origin could
+/// know may take to fail. The daemon's own bound is its origin retry timeout.
+pub const OUTAGE_ERROR_TIMEOUT: Duration = Duration::from_secs(60);
+/// In staggered-joins on an unshaped network, the window the readers' start times are
+/// spread over.
+pub const STAGGER_WINDOW_UNSHAPED: Duration = Duration::from_secs(1);
+/// In staggered-joins with a host rate, the window is this fraction of the time one host
+/// link needs for the object, so that late joiners arrive while earlier ones still read.
+pub const STAGGER_WINDOW_FRACTION_OF_HOST_TIME: f64 = 0.5;
+/// Added to the seed for the object put after an outage (a different object of the same size).
+const RECOVERY_SEED_OFFSET: u64 = 1;
 
 /// The node that puts the object.
 const PUT_NODE: usize = 0;
@@ -60,11 +88,28 @@ pub enum Scenario {
     CorruptPeer,
     /// Nodes split into dc-a and dc-b; DCs never mesh and each pulls about one copy.
     TwoDcs,
+    /// Like cold-start, but 25% of the readers are SIGKILLed mid-transfer and half come back.
+    Churn,
+    /// The origin goes away after the fleet has read an object, and comes back.
+    OriginOutage,
+    /// One node serves its peers slowly; hedged requests route around it.
+    SlowPeer,
+    /// Like cold-start, but each node starts its read at its own seeded time.
+    StaggeredJoins,
 }
 
 impl Scenario {
     /// Every scenario, in help order.
-    pub const ALL: [Scenario; 4] = [Self::ColdStart, Self::PeerKilled, Self::CorruptPeer, Self::TwoDcs];
+    pub const ALL: [Scenario; 8] = [
+        Self::ColdStart,
+        Self::PeerKilled,
+        Self::CorruptPeer,
+        Self::TwoDcs,
+        Self::Churn,
+        Self::OriginOutage,
+        Self::SlowPeer,
+        Self::StaggeredJoins,
+    ];
 
     /// The command-line name.
     pub fn name(self) -> &'static str {
@@ -73,6 +118,10 @@ impl Scenario {
             Self::PeerKilled => "peer-killed",
             Self::CorruptPeer => "corrupt-peer",
             Self::TwoDcs => "two-dcs",
+            Self::Churn => "churn",
+            Self::OriginOutage => "origin-outage",
+            Self::SlowPeer => "slow-peer",
+            Self::StaggeredJoins => "staggered-joins",
         }
     }
 
@@ -101,6 +150,36 @@ impl Scenario {
                  ceil(N/2) nodes form dc-a and the rest dc-b (same cluster key, same origin), each DC \
                  bootstrapped from its own first node; node 0 (dc-a) puts; all nodes GET at once."
             }
+            Self::Churn => {
+                "Goal: nodes dying and coming back mid-transfer cost time, never bytes, and little origin \
+                 egress. Like cold-start, but once the readers (node 0 excluded) have received 30% of their \
+                 bytes, 25% of the nodes other than node 0 (at least 1, chosen by the seed) are SIGKILLed; \
+                 half of them (rounded up) are then restarted on the same data directory, bootstrapped from \
+                 node 0, and read the object again while the survivors finish. Then, as a fault-free reference, \
+                 node 0 puts a fresh object of the same size and the live nodes read it at once. Reports both \
+                 completion times and their ratio (never checked)."
+            }
+            Self::OriginOutage => {
+                "Goal: cached objects keep being served while the origin is down, objects only the origin \
+                 could know fail with a clear error, and the fleet recovers when the origin returns. All \
+                 nodes read the object (it is then cached); the origin goes down (every counting proxy closes \
+                 its connections unanswered); all nodes read the object again; every node GETs an object id \
+                 that exists nowhere; the origin comes back; node 0 puts a second object and all nodes read it."
+            }
+            Self::SlowPeer => {
+                "Goal: a slow peer costs the fleet little, through hedged requests. One node other than \
+                 node 0 (chosen by the seed) runs with the test-only --fault-slow-served-chunks-ms 1000 and \
+                 reads the object first, so that it holds it and is asked for it; then the remaining nodes \
+                 (not node 0, not the slow one) GET at once. Reports cachemesh_hedged_requests_total and \
+                 cachemesh_hedge_wins_total of every node."
+            }
+            Self::StaggeredJoins => {
+                "Goal: nodes that ask for an object at different times, while others are still fetching it, \
+                 get it from the fleet rather than the origin again. Node 0 puts; node 0 reads at once and \
+                 every other node at its own time, drawn from the seed within a window (half the time one host \
+                 link needs for the object when --host-rate is set, 1 s otherwise). Reports each node's start \
+                 offset and its own read time."
+            }
         }
     }
 
@@ -126,6 +205,23 @@ impl Scenario {
                  received more data-plane bytes than its own nodes sent); origin egress per DC <= 1.02 x and in \
                  total <= 2.04 x the object size."
             }
+            Self::Churn => {
+                "Checks: the kills happened while reads were in flight; every surviving node's read and every \
+                 restarted node's second read completes with byte-identical data; origin egress / object size \
+                 <= 1.3."
+            }
+            Self::OriginOutage => {
+                "Checks: the first reads have the right bytes; during the outage every node's read of the \
+                 cached object completes with the right bytes; every node answers the GET of the unknown \
+                 object with an API error (non-2xx status and error code) within 60 s; no node exits; after \
+                 the outage the put of a new object succeeds and every node reads it with the right bytes."
+            }
+            Self::SlowPeer => {
+                "Checks: every read (the slow node's own included) has the right bytes; whether the \
+                 slow node was asked at all (a request hedged, or bytes it wrote to peers) is reported, not \
+                 checked: readers may take every chunk from node 0 and each other."
+            }
+            Self::StaggeredJoins => "Checks: every node got byte-identical data; origin egress / object size <= 1.02.",
         }
     }
 
@@ -134,7 +230,8 @@ impl Scenario {
         match self {
             Self::ColdStart => 1,
             Self::TwoDcs => 2,
-            Self::PeerKilled | Self::CorruptPeer => 3,
+            Self::OriginOutage | Self::StaggeredJoins => 1,
+            Self::PeerKilled | Self::CorruptPeer | Self::Churn | Self::SlowPeer => 3,
         }
     }
 }
@@ -279,6 +376,7 @@ async fn run_trial(
 ) -> Result<(), TrialError> {
     let nodes = params.nodes;
     let faulty = (params.scenario == Scenario::CorruptPeer).then(|| params.chosen_node());
+    let slow = (params.scenario == Scenario::SlowPeer).then(|| (params.chosen_node(), SLOW_PEER_DELAY_MS));
     let dcs: Vec<String> = match params.scenario {
         Scenario::TwoDcs => {
             (0..nodes).map(|index| if index < nodes.div_ceil(2) { DC_A } else { DC_B }.into()).collect()
@@ -291,6 +389,7 @@ async fn run_trial(
         places: params.places.clone(),
         origin_address: params.origin_address,
         faulty,
+        slow,
     };
     eprintln!("testnet: starting moto and {nodes} nodes in {}", root.display());
     let testbed = Testbed::start(processes, &params.binaries, root, &layout, shutdown).await?;
@@ -313,6 +412,12 @@ async fn run_trial(
         report.rows[faulty].role = "faulty".into();
         report.notes.push(format!("node {faulty} serves corrupt chunks (chosen by the seed)"));
     }
+    if let Some((slow, delay_ms)) = slow {
+        report.rows[slow].role = "slow".into();
+        report
+            .notes
+            .push(format!("node {slow} waits {delay_ms} ms before serving each chunk to a peer (chosen by the seed)"));
+    }
 
     eprintln!("testnet: putting {} bytes on node {PUT_NODE}", params.object_size);
     let put_node = &testbed.nodes[PUT_NODE];
@@ -329,6 +434,10 @@ async fn run_trial(
         Scenario::PeerKilled => peer_killed(params, processes, &mut trial, report).await?,
         Scenario::CorruptPeer => corrupt_peer(params, &mut trial, report, faulty.unwrap_or(1)).await?,
         Scenario::TwoDcs => two_dcs(params, &mut trial, report).await?,
+        Scenario::Churn => churn(params, processes, root, &mut trial, report).await?,
+        Scenario::OriginOutage => origin_outage(params, processes, &mut trial, report).await?,
+        Scenario::StaggeredJoins => staggered_joins(params, &mut trial, report).await?,
+        Scenario::SlowPeer => slow_peer(params, &mut trial, report, slow.map_or(1, |(slow, _)| slow)).await?,
     }
     Ok(())
 }
@@ -340,6 +449,7 @@ fn readers(trial: &Trial, nodes: impl IntoIterator<Item = usize>) -> Vec<Reader>
             node,
             client: trial.testbed.nodes[node].client().clone(),
             counts_towards_progress: node != PUT_NODE,
+            start_delay: Duration::ZERO,
         })
         .collect()
 }
@@ -780,4 +890,410 @@ fn data_plane_balance_check(trial: &Trial, after: &[Option<Metrics>], report: &m
         return Check::new(name, false, "nodes served peer/home bytes but expose no data-plane byte counters");
     }
     Check::new(name, passed, lines.join("; "))
+}
+
+/// The check that every one of `transfers` completed with the bytes of `expected`.
+fn transfers_check(name: &str, what: &str, transfers: &[Transfer], expected: &Digest) -> Check {
+    let bad: Vec<String> = transfers
+        .iter()
+        .filter(|transfer| transfer.error.is_some() || !bytes_match(&transfer.digest, expected))
+        .map(|transfer| match &transfer.error {
+            Some(error) => format!("node {}: {error}", transfer.node),
+            None => {
+                format!("node {}: {} bytes, BLAKE3 {}", transfer.node, transfer.digest.length(), transfer.digest.hex())
+            }
+        })
+        .collect();
+    let detail = if transfers.is_empty() {
+        format!("no {what} happened")
+    } else if bad.is_empty() {
+        format!("{} of {} {what} returned the object's exact bytes", transfers.len(), transfers.len())
+    } else {
+        format!("{} of {} {what} did not: {}", bad.len(), transfers.len(), bad.join("; "))
+    };
+    Check::new(name, !transfers.is_empty() && bad.is_empty(), detail)
+}
+
+/// The churn victims: `count` nodes other than the put node, chosen by the seed.
+fn churn_victims(params: &Params, count: usize) -> Vec<usize> {
+    let others = params.nodes - 1;
+    let first = params.chosen_node() - 1;
+    (0..count).map(|step| 1 + (first + step) % others).collect()
+}
+
+/// SIGKILLs `node` and waits until it is gone.
+async fn kill_node(processes: &Processes, trial: &Trial, node: usize) -> Result<(), TrialError> {
+    let handle = trial.testbed.nodes[node].handle();
+    processes.kill(handle).map_err(|error| TrialError::Kill { node, detail: error.to_string() })?;
+    match processes.wait_exit(handle, KILL_TIMEOUT).await {
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => Err(TrialError::Kill { node, detail: format!("still running {KILL_TIMEOUT:?} after SIGKILL") }),
+        Err(error) => Err(TrialError::Kill { node, detail: error.to_string() }),
+    }
+}
+
+async fn churn(
+    params: &Params,
+    processes: &Processes,
+    root: &Path,
+    trial: &mut Trial,
+    report: &mut Report,
+) -> Result<(), TrialError> {
+    let others = params.nodes - 1;
+    let killed_count = ((others as f64 * CHURN_KILL_FRACTION).round() as usize).clamp(1, others - 1);
+    let victims = churn_victims(params, killed_count);
+    let restarted: Vec<usize> = victims[..killed_count.div_ceil(2)].to_vec();
+    let gone: Vec<usize> = victims.iter().copied().filter(|node| !restarted.contains(node)).collect();
+    for &node in &victims {
+        report.rows[node].role = if restarted.contains(&node) { "restarted" } else { "killed" }.into();
+    }
+    report.notes.push(format!("killed (chosen by the seed): {victims:?}; restarted: {restarted:?}"));
+    let all: Vec<usize> = (0..params.nodes).collect();
+    let first_readers = readers(trial, all.clone());
+    let counted: u64 = first_readers.iter().filter(|reader| reader.counts_towards_progress).count() as u64;
+    let threshold = (counted as f64 * params.object_size as f64 * KILL_AT_PROGRESS_FRACTION) as u64;
+    eprintln!(
+        "testnet: {} nodes read the object at once; nodes {victims:?} die at {threshold} bytes received",
+        all.len()
+    );
+    let started = std::time::Instant::now();
+    let (mut progress, joined) = get_all(first_readers, trial.object_id, params.timeout);
+    let mut joined = std::pin::pin!(joined);
+    let mut early = None;
+    let killed_at = tokio::select! {
+        reached = progress.wait_for(|received| *received >= threshold) => reached.ok().map(|received| *received),
+        transfers = &mut joined => {
+            early = Some(transfers);
+            None
+        }
+    };
+    let kill_seconds = started.elapsed().as_secs_f64();
+    for &node in &victims {
+        kill_node(processes, trial, node).await?;
+    }
+    eprintln!("testnet: killed {victims:?} at {kill_seconds:.3} s; restarting {restarted:?}");
+    // The restarted nodes come back and read while the survivors are still reading.
+    let survivors_finish = async {
+        match early {
+            Some(transfers) => transfers,
+            None => joined.await,
+        }
+    };
+    let live_others = (params.nodes - killed_count) as u64;
+    let rejoin = async {
+        for &node in &restarted {
+            trial.testbed.restart_node(processes, &params.binaries, root, node, PUT_NODE, live_others).await?;
+        }
+        let restart_seconds = started.elapsed().as_secs_f64();
+        for &node in &restarted {
+            trial.before[node] = trial.testbed.nodes[node].metrics().await.ok().map(|(_, metrics)| metrics);
+        }
+        eprintln!("testnet: restarted {restarted:?} at {restart_seconds:.3} s; they read the object again");
+        let (_progress, second) = get_all(readers(trial, restarted.clone()), trial.object_id, params.timeout);
+        let mut transfers = second.await;
+        // Seconds from the common start, as every other read's.
+        for transfer in &mut transfers {
+            transfer.first_byte_seconds = transfer.first_byte_seconds.map(|seconds| seconds + restart_seconds);
+            transfer.seconds = transfer.seconds.map(|seconds| seconds + restart_seconds);
+        }
+        Ok::<_, TrialError>((transfers, restart_seconds))
+    };
+    let (mut transfers, rejoined) = tokio::join!(survivors_finish, rejoin);
+    let (second, restart_seconds) = rejoined?;
+    let in_flight: Vec<usize> = transfers
+        .iter()
+        .filter(|transfer| !victims.contains(&transfer.node) && transfer.node != PUT_NODE)
+        .filter(|transfer| transfer.seconds.is_none_or(|seconds| seconds > kill_seconds))
+        .map(|transfer| transfer.node)
+        .collect();
+    transfers.extend(second.iter().cloned());
+    finish_rows(params, trial, &transfers, &gone, report).await;
+    match killed_at {
+        Some(received) => report.notes.push(format!(
+            "nodes {victims:?} SIGKILLed at {kill_seconds:.3} s, when the readers had {received} of {} bytes; \
+             {restarted:?} answered and saw the mesh again at {restart_seconds:.3} s",
+            counted * params.object_size
+        )),
+        None => {
+            report.notes.push(format!("nodes {victims:?} SIGKILLed after every read had ended ({kill_seconds:.3} s)"))
+        }
+    }
+    let finishing: Vec<usize> = all.iter().copied().filter(|node| !gone.contains(node)).collect();
+    let slowest = report
+        .rows
+        .iter()
+        .filter(|row| finishing.contains(&row.node) && row.node != PUT_NODE)
+        .filter_map(|row| row.seconds)
+        .reduce(f64::max);
+    if let Some(slowest) = slowest {
+        report.notes.push(format!(
+            "fleet completion (survivors and restarted nodes, node 0 excluded): {slowest:.3} s from the common start \
+             (not a check)"
+        ));
+    }
+    report.checks.push(Check::new(
+        "killed_while_in_flight",
+        killed_at.is_some() && !in_flight.is_empty(),
+        if in_flight.is_empty() {
+            "no surviving reader was still reading when the victims died (object too small to catch in flight?)"
+                .to_string()
+        } else {
+            format!("nodes {victims:?} died at {kill_seconds:.3} s while nodes {in_flight:?} were still reading")
+        },
+    ));
+    report.checks.push(identical_bytes_check("survivors_and_restarted_identical_bytes", report, &finishing));
+    let ratio = report.origin.chunk_get_bytes as f64 / params.object_size.max(1) as f64;
+    report.checks.push(Check::new(
+        "origin_egress_churn",
+        ratio <= CHURN_EGRESS_RATIO_MAX,
+        format!(
+            "{} chunk bytes left the origin for a {}-byte object: {ratio:.3} x (limit {CHURN_EGRESS_RATIO_MAX:.2} x)",
+            report.origin.chunk_get_bytes, params.object_size
+        ),
+    ));
+    // A fault-free reference in the same run: the live fleet reads a fresh object of the
+    // same size at once. Its origin egress is not part of the check above (counted before).
+    let pattern = Pattern::new(params.seed.wrapping_add(RECOVERY_SEED_OFFSET));
+    let client = trial.testbed.nodes[PUT_NODE].client().clone();
+    eprintln!("testnet: fault-free reference: node {PUT_NODE} puts a fresh object and {finishing:?} read it");
+    match put(&client, PUT_NODE, pattern, params.object_size, params.timeout).await {
+        Ok(reference) => {
+            let (_progress, joined) = get_all(readers(trial, finishing.clone()), reference.object_id, params.timeout);
+            let reads = joined.await;
+            let complete =
+                reads.iter().all(|read| read.error.is_none() && bytes_match(&read.digest, &reference.digest));
+            let reference_slowest =
+                reads.iter().filter(|read| read.node != PUT_NODE).filter_map(|read| read.seconds).reduce(f64::max);
+            match (complete, reference_slowest, slowest) {
+                (true, Some(reference_slowest), Some(slowest)) => report.notes.push(format!(
+                    "fault-free reference: the {} live nodes read a fresh object of the same size in {reference_slowest:.3} s; \
+                     churn / fault-free = {:.2} (not a check); per node: {}",
+                    finishing.len(),
+                    slowest / reference_slowest.max(f64::MIN_POSITIVE),
+                    reads
+                        .iter()
+                        .map(|read| format!("{} {:.3} s", read.node, read.seconds.unwrap_or(f64::NAN)))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )),
+                _ => report.notes.push("fault-free reference: its reads did not all complete; no ratio".to_string()),
+            }
+        }
+        Err(error) => report.notes.push(format!("fault-free reference: the put failed: {error}")),
+    }
+    Ok(())
+}
+
+async fn origin_outage(
+    params: &Params,
+    processes: &Processes,
+    trial: &mut Trial,
+    report: &mut Report,
+) -> Result<(), TrialError> {
+    let all: Vec<usize> = (0..params.nodes).collect();
+    let warm = read_all(params, trial, all.clone()).await;
+    report.checks.push(transfers_check("first_reads_identical_bytes", "first reads", &warm, &trial.expected));
+
+    eprintln!("testnet: the origin goes down");
+    trial.testbed.set_origin_outage(true);
+    let refused_before = trial.testbed.origin_total(|_| true).refused;
+    let during = read_all(params, trial, all.clone()).await;
+    report.checks.push(transfers_check(
+        "cached_object_served_during_outage",
+        "reads during the outage",
+        &during,
+        &trial.expected,
+    ));
+    let mut transfers = warm;
+    transfers.extend(during);
+    finish_rows(params, trial, &transfers, &[], report).await;
+    report.notes.push(
+        "the table's seconds are those of the reads during the outage; its sources count both reads of the object, and origin egress is that of the first reads"
+            .to_string(),
+    );
+
+    let unknown = ObjectId::of(format!("cachemesh-testnet: an object nobody put, seed {}", params.seed).as_bytes());
+    eprintln!("testnet: every node GETs unknown object {unknown} during the outage");
+    let asks = trial.testbed.nodes.iter().map(|node| {
+        let client = node.client().clone();
+        let index = node.index();
+        async move {
+            let started = std::time::Instant::now();
+            let answer = tokio::time::timeout(OUTAGE_ERROR_TIMEOUT, client.get_object(&unknown, None)).await;
+            let seconds = started.elapsed().as_secs_f64();
+            match answer {
+                Ok(Err(ClientError::Api { status, code, .. }))
+                    if matches!(code, ErrorCode::OriginUnavailable | ErrorCode::ObjectNotFound) =>
+                {
+                    Ok(format!("node {index}: {status} {} in {seconds:.2} s", code.as_str()))
+                }
+                Ok(Err(ClientError::Api { status, code, message })) => Err(format!(
+                    "node {index}: {status} {} ({message}) in {seconds:.2} s, expected origin_unavailable or object_not_found",
+                    code.as_str()
+                )),
+                Ok(Err(error)) => Err(format!("node {index}: no API error but {error} after {seconds:.2} s")),
+                Ok(Ok(response)) => {
+                    Err(format!("node {index}: answered {} for an object that exists nowhere", response.status()))
+                }
+                Err(_) => Err(format!("node {index}: no answer within {OUTAGE_ERROR_TIMEOUT:?}")),
+            }
+        }
+    });
+    let answers = futures::future::join_all(asks).await;
+    let failed: Vec<&String> = answers.iter().filter_map(|answer| answer.as_ref().err()).collect();
+    let answered: Vec<&String> = answers.iter().filter_map(|answer| answer.as_ref().ok()).collect();
+    report.checks.push(Check::new(
+        "unknown_object_fails_clearly",
+        failed.is_empty(),
+        if failed.is_empty() {
+            answered.iter().map(|line| line.as_str()).collect::<Vec<_>>().join("; ")
+        } else {
+            failed.iter().map(|line| line.as_str()).collect::<Vec<_>>().join("; ")
+        },
+    ));
+    let refused = trial.testbed.origin_total(|_| true).refused.saturating_sub(refused_before);
+    report.notes.push(format!("during the outage the proxies closed {refused} connections and requests unanswered"));
+    let mut crashed = Vec::new();
+    for node in &trial.testbed.nodes {
+        if let Err(error) = node.check_running(processes) {
+            crashed.push(error.to_string());
+        } else if let Err(error) = node.status().await {
+            crashed.push(error.to_string());
+        }
+    }
+    report.checks.push(Check::new(
+        "no_node_exited_during_outage",
+        crashed.is_empty(),
+        if crashed.is_empty() {
+            "every node still runs and answers GET /v1/status".to_string()
+        } else {
+            crashed.join("; ")
+        },
+    ));
+
+    eprintln!("testnet: the origin comes back; node {PUT_NODE} puts a new object and every node reads it");
+    trial.testbed.set_origin_outage(false);
+    let pattern = Pattern::new(params.seed.wrapping_add(RECOVERY_SEED_OFFSET));
+    let client = trial.testbed.nodes[PUT_NODE].client().clone();
+    match put(&client, PUT_NODE, pattern, params.object_size, params.timeout).await {
+        Ok(recovered) => {
+            report
+                .notes
+                .push(format!("after the outage: put of {} in {:.3} s", recovered.object_id, recovered.seconds));
+            let readers = readers(trial, all.clone());
+            let (_progress, joined) = get_all(readers, recovered.object_id, params.timeout);
+            let reads = joined.await;
+            if let Some(slowest) = reads.iter().filter_map(|transfer| transfer.seconds).reduce(f64::max) {
+                report.notes.push(format!("after the outage: the slowest read of the new object took {slowest:.3} s"));
+            }
+            report.checks.push(transfers_check(
+                "recovered_put_and_read",
+                "reads of the object put after the outage",
+                &reads,
+                &recovered.digest,
+            ));
+        }
+        Err(error) => report.checks.push(Check::new(
+            "recovered_put_and_read",
+            false,
+            format!("the put after the outage failed: {error}"),
+        )),
+    }
+    Ok(())
+}
+
+/// Hedging counters summed over the nodes, read from their metrics now.
+const HEDGED_REQUESTS: &str = "cachemesh_hedged_requests_total";
+/// See [`HEDGED_REQUESTS`].
+const HEDGE_WINS: &str = "cachemesh_hedge_wins_total";
+
+async fn slow_peer(params: &Params, trial: &mut Trial, report: &mut Report, slow: usize) -> Result<(), TrialError> {
+    eprintln!("testnet: slow node {slow} reads the object first");
+    let mut transfers = read_all(params, trial, [slow]).await;
+    let rest: Vec<usize> = (0..params.nodes).filter(|node| *node != PUT_NODE && *node != slow).collect();
+    transfers.extend(read_all(params, trial, rest.clone()).await);
+    let after = finish_rows(params, trial, &transfers, &[], report).await;
+    let mut readers = vec![slow];
+    readers.extend(&rest);
+    report.checks.push(identical_bytes_check("identical_bytes", report, &readers));
+    let mut per_node = Vec::new();
+    let (mut hedged_total, mut wins_total) = (0u64, 0u64);
+    for (node, (before, now)) in trial.before.iter().zip(&after).enumerate() {
+        let (Some(before), Some(now)) = (before, now) else { continue };
+        let hedged = now.count(HEDGED_REQUESTS, &[]).saturating_sub(before.count(HEDGED_REQUESTS, &[]));
+        let wins = now.count(HEDGE_WINS, &[]).saturating_sub(before.count(HEDGE_WINS, &[]));
+        hedged_total += hedged;
+        wins_total += wins;
+        per_node.push(format!("node {node}: {hedged}/{wins}"));
+    }
+    report.notes.push(format!(
+        "hedged requests {hedged_total}, hedge wins {wins_total} ({HEDGED_REQUESTS}/{HEDGE_WINS} per node: {}); \
+         every node's counters are also in report.json rows[].counter_deltas",
+        per_node.join(", ")
+    ));
+    // Not a check: the readers choose among node 0, the slow node and each other, and may
+    // never ask the slow node (then nothing is hedged); the report says which happened.
+    let slow_sent = report.rows[slow].sent_to_peers.unwrap_or(0);
+    report.notes.push(if hedged_total > 0 || slow_sent > 0 {
+        format!(
+            "the fault was exercised: {hedged_total} requests were hedged, slow node {slow} wrote {slow_sent} chunk \
+             bytes to peers"
+        )
+    } else {
+        format!("the fault was not exercised: no reader asked slow node {slow} for a chunk")
+    });
+    Ok(())
+}
+
+/// A value in [0, 1) from the seed and an index (splitmix64), for choices that must repeat
+/// with `--seed`.
+fn seeded_fraction(seed: u64, index: u64) -> f64 {
+    let mut z = seed.wrapping_add(index.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    (z >> 11) as f64 / (1u64 << 53) as f64
+}
+
+async fn staggered_joins(params: &Params, trial: &mut Trial, report: &mut Report) -> Result<(), TrialError> {
+    let window = match params.rates.host {
+        Some(rate) if rate.bits_per_second() > 0 => Duration::from_secs_f64(
+            params.object_size as f64 * 8.0 / rate.bits_per_second() as f64 * STAGGER_WINDOW_FRACTION_OF_HOST_TIME,
+        ),
+        _ => STAGGER_WINDOW_UNSHAPED,
+    };
+    let all: Vec<usize> = (0..params.nodes).collect();
+    let mut readers = readers(trial, all.clone());
+    let mut offsets = Vec::with_capacity(readers.len());
+    for reader in &mut readers {
+        if reader.node != PUT_NODE {
+            reader.start_delay = window.mul_f64(seeded_fraction(params.seed, reader.node as u64));
+        }
+        offsets.push((reader.node, reader.start_delay.as_secs_f64()));
+    }
+    eprintln!("testnet: {} nodes read the object, each at its own time within {window:?}", readers.len());
+    let (_progress, joined) = get_all(readers, trial.object_id, params.timeout);
+    let transfers = joined.await;
+    finish_rows(params, trial, &transfers, &[], report).await;
+    let mut order = offsets.clone();
+    order.sort_by(|a, b| a.1.total_cmp(&b.1));
+    let lines: Vec<String> = order
+        .iter()
+        .map(|(node, offset)| {
+            let own = transfers
+                .iter()
+                .find(|transfer| transfer.node == *node)
+                .and_then(|transfer| transfer.seconds)
+                .map_or("-".to_string(), |seconds| format!("{:.3} s", seconds - offset));
+            format!("node {node} at {offset:.3} s (read {own})")
+        })
+        .collect();
+    report.notes.push(format!(
+        "start offsets within {:.3} s (chosen by the seed), in join order: {}",
+        window.as_secs_f64(),
+        lines.join(", ")
+    ));
+    report.checks.push(identical_bytes_check("identical_bytes", report, &all));
+    report.checks.push(egress_check("origin_egress_one_copy", report.origin.chunk_get_bytes, params.object_size, 1.0));
+    Ok(())
 }

@@ -58,13 +58,15 @@ pub enum SetupError {
     },
     /// cachemeshd lacks the test-only fault switch a scenario needs.
     #[error(
-        "{daemon} was built without the test-faults feature (it refuses --fault-corrupt-served-chunks): \
+        "{daemon} was built without the test-faults feature (it refuses {switch}): \
          rebuild it with `cargo build --workspace` (the testnet turns the feature on) or \
          `cargo build -p cachemesh-daemon --features test-faults`"
     )]
     NoFaultSwitch {
         /// The binary.
         daemon: PathBuf,
+        /// The switch it refused.
+        switch: String,
     },
     /// The mesh did not form.
     #[error("the mesh did not form within {timeout:?}: {detail}")]
@@ -89,6 +91,8 @@ pub struct Layout {
     pub origin_address: Ipv4Addr,
     /// The node that serves peers corrupt chunks.
     pub faulty: Option<usize>,
+    /// The node that serves peers slowly, and its delay per chunk in milliseconds.
+    pub slow: Option<(usize, u64)>,
 }
 
 /// The running testbed.
@@ -100,6 +104,8 @@ pub struct Testbed {
     pub nodes: Vec<Node>,
     /// Seconds from starting the first node until the mesh had formed.
     pub mesh_formed_seconds: f64,
+    /// The cluster key file every node was started with.
+    pub cluster_key: PathBuf,
 }
 
 impl Testbed {
@@ -112,7 +118,10 @@ impl Testbed {
         shutdown: CancellationToken,
     ) -> Result<Self, SetupError> {
         if layout.faulty.is_some() {
-            check_fault_switch(binaries).await?;
+            check_fault_switch(binaries, &["--fault-corrupt-served-chunks", "true"]).await?;
+        }
+        if layout.slow.is_some() {
+            check_fault_switch(binaries, &["--fault-slow-served-chunks-ms", "1"]).await?;
         }
         let moto = Moto::start(processes, root).await?;
         let mut proxies = Vec::with_capacity(layout.dcs.len());
@@ -130,6 +139,7 @@ impl Testbed {
             upload_limit: layout.upload_limits[index].clone(),
             place: layout.places[index].clone(),
             corrupt_served_chunks: layout.faulty == Some(index),
+            slow_served_chunks_ms: layout.slow.filter(|(slow, _)| *slow == index).map(|(_, delay_ms)| delay_ms),
         };
         let mut nodes: Vec<Option<Node>> = (0..layout.dcs.len()).map(|_| None).collect();
         for dc in distinct(&layout.dcs) {
@@ -160,7 +170,63 @@ impl Testbed {
             }
             meshed.push(node);
         }
-        Ok(Self { proxies, nodes: meshed, mesh_formed_seconds })
+        Ok(Self { proxies, nodes: meshed, mesh_formed_seconds, cluster_key })
+    }
+
+    /// Starts node `index` again (after it was killed) on the same directory, data dir and
+    /// origin proxy, bootstrapped from `bootstrap_from`, and waits until it answers and sees
+    /// at least `members` other members; replaces the old node in [`Testbed::nodes`].
+    pub async fn restart_node(
+        &mut self,
+        processes: &Processes,
+        binaries: &Binaries,
+        root: &Path,
+        index: usize,
+        bootstrap_from: usize,
+        members: u64,
+    ) -> Result<(), SetupError> {
+        let address = self.nodes[bootstrap_from].p2p_address().ok_or_else(|| SetupError::NoBootstrapAddress {
+            index: bootstrap_from,
+            addresses: self.nodes[bootstrap_from].mesh.p2p_listen.clone(),
+        })?;
+        let mut spec = self.nodes[index].spec.clone();
+        spec.bootstrap = vec![address];
+        let mut node = Node::start(processes, binaries, root, &self.cluster_key, spec).await?;
+        let timeout = MEMBERSHIP_TIMEOUT_BASE;
+        let deadline = Instant::now() + timeout;
+        loop {
+            node.check_running(processes)?;
+            let seen = node.status().await.ok().and_then(|status| status.mesh);
+            if let Some(mesh) = seen {
+                if mesh.members >= members {
+                    node.mesh = mesh;
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    return Err(SetupError::MeshNotFormed {
+                        timeout,
+                        detail: format!("restarted node {index} sees {} of {members}", mesh.members),
+                    });
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(SetupError::MeshNotFormed {
+                    timeout,
+                    detail: format!("restarted node {index} does not answer GET /v1/status"),
+                });
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+        self.nodes[index] = node;
+        Ok(())
+    }
+
+    /// Starts (`true`) or ends (`false`) an origin outage: every proxy closes the
+    /// connections it is given and the requests on connections it already has.
+    pub fn set_origin_outage(&self, outage: bool) {
+        for proxy in &self.proxies {
+            proxy.set_outage(outage);
+        }
     }
 
     /// Origin figures per node, read now.
@@ -208,13 +274,13 @@ async fn make_cluster_key(binaries: &Binaries, file: &Path) -> Result<(), SetupE
 
 /// Whether cachemeshd accepts the fault switch: a binary built by `cargo build -p
 /// cachemesh-daemon` lacks it, and it is the last build that decides what is in target/.
-async fn check_fault_switch(binaries: &Binaries) -> Result<(), SetupError> {
+async fn check_fault_switch(binaries: &Binaries, switch: &[&str]) -> Result<(), SetupError> {
     let mut command = Command::new(&binaries.daemon);
-    command.args(["--fault-corrupt-served-chunks", "true", "--help"]).stdin(Stdio::null()).kill_on_drop(true);
+    command.args(switch).arg("--help").stdin(Stdio::null()).kill_on_drop(true);
     let output = tokio::time::timeout(CLI_TIMEOUT, command.output()).await;
     match output {
         Ok(Ok(output)) if output.status.success() => Ok(()),
-        _ => Err(SetupError::NoFaultSwitch { daemon: binaries.daemon.clone() }),
+        _ => Err(SetupError::NoFaultSwitch { daemon: binaries.daemon.clone(), switch: switch[0].to_string() }),
     }
 }
 

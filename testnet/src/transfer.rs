@@ -2,7 +2,8 @@
 //!
 //! A read ([`get_all`]) starts one task per node, all at the same instant; each streams
 //! `GET /v1/objects/{id}` through the node's socket, hashes every byte, and records time to
-//! first byte and to the last. Progress of the reads that count towards the fleet is
+//! first byte and to the last. A read may be told to begin a set time after the common
+//! start (staggered joins). Progress of the reads that count towards the fleet is
 //! published on a watch channel so that a scenario can act at a point of the transfer
 //! (the peer-killed scenario kills a node when the fleet is part-way), without sleeping.
 //!
@@ -113,6 +114,9 @@ pub struct Reader {
     pub client: Client,
     /// Whether its bytes count towards the published fleet progress.
     pub counts_towards_progress: bool,
+    /// How long after the common start this read begins (zero: at once). Its times are
+    /// still counted from the common start; the timeout runs from its own start.
+    pub start_delay: Duration,
 }
 
 /// Starts every read at once; returns the progress channel (bytes received so far by the
@@ -134,6 +138,7 @@ pub fn get_all(
             let task = tokio::spawn(async move {
                 let mut transfer =
                     Transfer { node, first_byte_seconds: None, seconds: None, digest: Digest::new(), error: None };
+                tokio::time::sleep(reader.start_delay).await;
                 let read = read_one(&reader.client, &object_id, start, progress, &mut transfer);
                 match tokio::time::timeout(timeout, read).await {
                     Ok(Ok(())) => transfer.seconds = Some(start.elapsed().as_secs_f64()),

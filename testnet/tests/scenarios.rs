@@ -286,13 +286,78 @@ fn two_dcs_stay_apart_and_each_pulls_one_copy() {
 }
 
 #[test]
+fn churn_survivors_and_restarted_nodes_complete_with_identical_bytes() {
+    // Goal: a quarter of the readers SIGKILLed mid-transfer, and half of them restarted on
+    // their data directories, cost no bytes: every survivor and every restarted node reads
+    // the exact object, and the origin sends at most 1.3 copies.
+    let report = assert_scenario_passes(
+        "churn",
+        &["killed_while_in_flight", "survivors_and_restarted_identical_bytes", "origin_egress_churn"],
+    );
+    let roles: Vec<&str> = report["rows"].as_array().unwrap().iter().map(|row| row["role"].as_str().unwrap()).collect();
+    assert!(roles.contains(&"restarted"), "a killed node is restarted: {roles:?}");
+    assert!(report["origin"]["egress_ratio"].as_f64().unwrap() <= 1.3);
+}
+
+#[test]
+fn origin_outage_cached_objects_served_unknown_ones_fail_clearly_and_puts_recover() {
+    // Goal: with the origin unreachable, every node still serves the object it has cached,
+    // answers a GET of an object only the origin could know with an API error, and does
+    // not exit; once the origin is back a new put and its reads succeed.
+    assert_scenario_passes(
+        "origin-outage",
+        &[
+            "first_reads_identical_bytes",
+            "cached_object_served_during_outage",
+            "unknown_object_fails_clearly",
+            "no_node_exited_during_outage",
+            "recovered_put_and_read",
+        ],
+    );
+}
+
+#[test]
+fn slow_peer_reads_complete_with_identical_bytes_and_hedging_is_reported() {
+    // Goal: a peer that answers each chunk request a second late costs no bytes; the
+    // fleet's hedged requests and hedge wins are reported.
+    let report = assert_scenario_passes("slow-peer", &["identical_bytes"]);
+    let notes = report["notes"].as_array().unwrap();
+    assert!(
+        notes.iter().any(|note| note.as_str().unwrap().contains("hedged requests")),
+        "the hedging counters are reported: {notes:?}"
+    );
+}
+
+#[test]
+fn staggered_joins_every_node_gets_the_object_and_the_origin_sends_one_copy() {
+    // Goal: nodes starting their reads at seeded, different times all get the exact bytes,
+    // and the origin still sends at most one copy.
+    let report = assert_scenario_passes("staggered-joins", &["identical_bytes", "origin_egress_one_copy"]);
+    let notes = report["notes"].as_array().unwrap();
+    assert!(
+        notes.iter().any(|note| note.as_str().unwrap().contains("start offsets")),
+        "the start offsets are reported: {notes:?}"
+    );
+}
+
+#[test]
 fn help_lists_every_scenario_and_parameter() {
     // Goal: `--help` and `run --help` explain every scenario and every parameter.
     for args in [&["--help"][..], &["run", "--help"][..]] {
         let output = testnet().args(args).output().unwrap();
         assert!(output.status.success(), "{args:?}");
         let text = String::from_utf8(output.stdout).unwrap();
-        for word in ["cold-start", "peer-killed", "corrupt-peer", "two-dcs", "Checks:"] {
+        for word in [
+            "cold-start",
+            "peer-killed",
+            "corrupt-peer",
+            "two-dcs",
+            "churn",
+            "origin-outage",
+            "slow-peer",
+            "staggered-joins",
+            "Checks:",
+        ] {
             assert!(text.contains(word), "{args:?} does not mention {word}:\n{text}");
         }
         if args[0] == "run" {
