@@ -181,6 +181,8 @@ const COMMAND_CHANNEL_CAPACITY: usize = 256;
 /// Volume head announcements buffered for a slow receiver. A receiver that lags loses the
 /// oldest, which only delays its catch-up to the next poll.
 pub const VOLUME_HEADS_BUFFERED: usize = 256;
+/// Lost-member notices buffered for a slow receiver (a lagging one only reacts later).
+pub const LOST_MEMBERS_BUFFERED: usize = 64;
 /// The most listen addresses of a peer (from identify) added to the routing table.
 const IDENTIFY_ADDRS_MAX: usize = 16;
 
@@ -612,6 +614,11 @@ impl Membership {
         Self { local, members: HashMap::new() }
     }
 
+    /// Removes `peer` (its connection broke); true when it was a member.
+    pub fn remove(&mut self, peer: &PeerId) -> bool {
+        self.members.remove(peer).is_some()
+    }
+
     /// Applies an announcement signed by `source` and received at `now`.
     pub fn handle_announcement(
         &mut self,
@@ -1038,6 +1045,8 @@ pub struct DiscoveryStats {
     pub members_left: u64,
     /// Members removed because nothing was heard from them for [`MEMBER_EXPIRY`].
     pub members_expired: u64,
+    /// Members removed because the last connection to them broke.
+    pub members_lost: u64,
 }
 
 enum Command {
@@ -1058,6 +1067,7 @@ pub struct Discovery {
     members: watch::Receiver<Arc<[Member]>>,
     provider_lookups: Arc<Semaphore>,
     volume_heads: broadcast::Sender<VolumeHead>,
+    lost_members: broadcast::Sender<PeerId>,
     stopped: CancellationToken,
 }
 
@@ -1119,6 +1129,7 @@ impl Discovery {
         let (commands_tx, commands_rx) = mpsc::channel(COMMAND_CHANNEL_CAPACITY);
         let (members_tx, members_rx) = watch::channel(Arc::from(Vec::new()));
         let (volume_heads, _) = broadcast::channel(VOLUME_HEADS_BUFFERED);
+        let (lost_members, _) = broadcast::channel(LOST_MEMBERS_BUFFERED);
         let stopped = CancellationToken::new();
         let bootstraps = config
             .bootstrap
@@ -1153,6 +1164,8 @@ impl Discovery {
             kad_outbound_requests: 0,
             members_left: 0,
             members_expired: 0,
+            members_lost: 0,
+            lost_members: lost_members.clone(),
         };
         let guard = stopped.clone().drop_guard();
         tokio::spawn(async move {
@@ -1166,6 +1179,7 @@ impl Discovery {
             members: members_rx,
             provider_lookups: Arc::new(Semaphore::new(PROVIDER_LOOKUPS_CONCURRENT_MAX)),
             volume_heads,
+            lost_members,
             stopped,
         })
     }
@@ -1245,6 +1259,11 @@ impl Discovery {
     /// more than [`VOLUME_HEADS_BUFFERED`] behind loses the oldest (it sees `Lagged`).
     pub fn volume_heads(&self) -> broadcast::Receiver<VolumeHead> {
         self.volume_heads.subscribe()
+    }
+
+    /// Members whose last connection broke, from now on (they were dropped from the table).
+    pub fn lost_members(&self) -> broadcast::Receiver<PeerId> {
+        self.lost_members.subscribe()
     }
 
     /// Waits until the service has announced its leave and closed its connections.
@@ -1330,6 +1349,8 @@ struct Actor {
     kad_outbound_requests: u64,
     members_left: u64,
     members_expired: u64,
+    members_lost: u64,
+    lost_members: broadcast::Sender<PeerId>,
 }
 
 impl Actor {
@@ -1435,6 +1456,7 @@ impl Actor {
             kad_outbound_requests: self.kad_outbound_requests,
             members_left: self.members_left,
             members_expired: self.members_expired,
+            members_lost: self.members_lost,
         }
     }
 
@@ -1592,6 +1614,18 @@ impl Actor {
             }
             SwarmEvent::Behaviour(BehaviourEvent::Identify(_)) => {}
             SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(event)) => return self.handle_gossip_event(event),
+            // The last connection to a member broke (not closed for idleness): the process
+            // died or the network between us did. Drop it from the table at once, rather than
+            // after MEMBER_EXPIRY, and tell the handles, so that requests in flight to it can
+            // be abandoned; its next announcement adds it back.
+            SwarmEvent::ConnectionClosed { peer_id, num_established: 0, cause: Some(cause), .. }
+                if self.membership.remove(&peer_id) =>
+            {
+                self.members_lost += 1;
+                tracing::info!(%peer_id, %cause, "member lost: its connection broke");
+                self.publish_members();
+                let _ = self.lost_members.send(peer_id);
+            }
             SwarmEvent::ConnectionEstablished { peer_id, connection_id, endpoint, .. } => {
                 let mut joined_bootstrap = false;
                 for bootstrap in &mut self.bootstraps {

@@ -337,10 +337,29 @@ impl Mesh {
             have_set_requests: SingleFlight::new(),
         });
         fetcher.attach_mesh(mesh.clone());
+        tokio::spawn(mesh.clone().abandon_lost_members(shutdown.clone()));
         tokio::spawn(mesh.clone().announce_held_objects(fetcher.clone()));
         tokio::spawn(mesh.clone().sweep_provided(fetcher, shutdown));
         tracing::info!(peer_id = %mesh.identity.peer_id(), dc = %mesh.dc, data = %data_addr, "joined the mesh");
         Ok(mesh)
+    }
+
+    /// Closes the data-plane connection to each member whose control-plane connection
+    /// broke, so requests in flight to a dead peer fail now instead of at the QUIC idle
+    /// timeout, and readers move on to other holders or homes.
+    async fn abandon_lost_members(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut lost = self.discovery.lost_members();
+        loop {
+            let peer = tokio::select! {
+                () = shutdown.cancelled() => return,
+                peer = lost.recv() => peer,
+            };
+            match peer {
+                Ok(peer) => self.data_plane.close_peer(&peer),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            }
+        }
     }
 
     /// The discovery service: membership, provider records, volume head announcements.

@@ -231,6 +231,8 @@ pub const CLOSE_ADMISSION_REFUSED: VarInt = VarInt::from_u32(1);
 pub const CLOSE_REPLACED: VarInt = VarInt::from_u32(2);
 /// Connection close code: admitted, but at [`CONNECTIONS_MAX`] or [`CONNECTIONS_PER_PEER_MAX`].
 pub const CLOSE_BUSY: VarInt = VarInt::from_u32(3);
+/// Connection close code: the control plane saw the peer's connection break.
+pub const CLOSE_PEER_GONE: VarInt = VarInt::from_u32(4);
 /// Stream reset code: the request was abandoned (timeout, malformed, shutting down).
 pub const STREAM_ABANDONED: VarInt = VarInt::from_u32(1);
 
@@ -512,7 +514,8 @@ struct PeerSlotState {
     /// The last failed connect, while younger than [`CONNECT_FAILURE_MEMORY`]: callers
     /// queued behind a failing connect get its error at once instead of each waiting out
     /// their own [`CONNECT_TIMEOUT`] one after another.
-    failed: Option<(Instant, PeerError)>,
+    /// Kept with the address that failed: a peer that restarted elsewhere is tried at once.
+    failed: Option<(Instant, PeerError, SocketAddr)>,
 }
 
 /// A slot per peer; the tokio mutex serialises (re)connecting to that peer.
@@ -614,6 +617,22 @@ impl DataPlane {
         })
     }
 
+    /// Closes the connection to `peer`, if any: requests in flight on it fail at once (the
+    /// peer is known to be gone). Never waits on a slot that is busy connecting.
+    pub fn close_peer(&self, peer: &PeerId) {
+        let slot = self.shared.peers.lock().unwrap_or_else(PoisonError::into_inner).get(peer).cloned();
+        if let Some(slot) = slot
+            && let Ok(mut state) = slot.try_lock()
+            && let Some(connection) = state.connection.take()
+        {
+            connection.close(CLOSE_PEER_GONE, b"peer gone");
+            // Requests already holding its old address fail fast instead of each waiting
+            // out a connect to a dead address.
+            let gone = PeerError::Connect("the peer's control-plane connection broke".into());
+            state.failed = Some((Instant::now(), gone, connection.remote_address()));
+        }
+    }
+
     /// The UDP address the data plane listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.shared.local_addr
@@ -707,8 +726,9 @@ impl DataPlane {
             }
         }
         state.connection = None;
-        if let Some((at, error)) = &state.failed
+        if let Some((at, error, addr)) = &state.failed
             && at.elapsed() < CONNECT_FAILURE_MEMORY
+            && same_address(*addr, peer.addr)
         {
             return Err(error.clone());
         }
@@ -719,7 +739,7 @@ impl DataPlane {
                 Ok((connection, true))
             }
             Err(error) => {
-                state.failed = Some((Instant::now(), error.clone()));
+                state.failed = Some((Instant::now(), error.clone(), peer.addr));
                 Err(error)
             }
         }
