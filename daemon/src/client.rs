@@ -140,8 +140,13 @@ impl Client {
 
     /// `GET /v1/objects/{id}`, optionally with a `Range` header value; the body streams.
     pub async fn get_object(&self, id: &ObjectId, range: Option<&str>) -> Result<Response<Incoming>, ClientError> {
-        let mut request =
-            Request::builder().method(Method::GET).uri(format!("/v1/objects/{id}")).header("host", "cachemesh");
+        self.get_streaming(format!("/v1/objects/{id}"), range).await
+    }
+
+    /// A `GET` of `uri` with an optional `Range` header value; a success streams its body,
+    /// anything else becomes the API error it carries.
+    async fn get_streaming(&self, uri: String, range: Option<&str>) -> Result<Response<Incoming>, ClientError> {
+        let mut request = Request::builder().method(Method::GET).uri(uri).header("host", "cachemesh");
         if let Some(range) = range {
             request = request.header(http::header::RANGE, range);
         }
@@ -213,18 +218,7 @@ impl Client {
         path: &str,
         range: Option<&str>,
     ) -> Result<Response<Incoming>, ClientError> {
-        let mut request =
-            Request::builder().method(Method::GET).uri(file_uri(volume, "files", path)).header("host", "cachemesh");
-        if let Some(range) = range {
-            request = request.header(http::header::RANGE, range);
-        }
-        let response = self.send(request.body(Full::new(Bytes::new()))?).await?;
-        if response.status().is_success() {
-            return Ok(response);
-        }
-        let status = response.status();
-        let body = response.into_body().collect().await?.to_bytes();
-        Err(api_error(status, &body))
+        self.get_streaming(file_uri(volume, "files", path), range).await
     }
 
     /// `GET /v1/volumes/{volume}/stat/{path}`.

@@ -231,25 +231,8 @@ impl Origin {
         if self.exists(&key).await? {
             return Ok(false);
         }
-        let _permit = self.permit().await;
-        let started = Instant::now();
-        let length = data.len() as u64;
-        metrics::counter!("cachemesh_origin_requests_total", "op" => "put").increment(1);
-        let options = PutOptions { mode: PutMode::Create, ..PutOptions::default() };
-        let result = self.store.put_opts(&key, PutPayload::from_bytes(data), options).await;
-        metrics::histogram!("cachemesh_origin_request_seconds", "op" => "put").record(started.elapsed().as_secs_f64());
-        match result {
-            Ok(_) => {
-                metrics::counter!("cachemesh_origin_bytes_total", "direction" => "upload").increment(length);
-                Ok(true)
-            }
-            // Content-addressed: whoever wrote it first wrote the same bytes.
-            Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
-            Err(source) => {
-                metrics::counter!("cachemesh_origin_errors_total", "op" => "put").increment(1);
-                Err(OriginError::Unavailable { key: key.to_string(), source })
-            }
-        }
+        // Content-addressed: whoever wrote it first wrote the same bytes.
+        Ok(self.create_at(key, data).await? == Created::Written)
     }
 
     /// Uploads a chunk unless the origin has it; true when it was uploaded.
@@ -279,7 +262,10 @@ impl Origin {
     /// Writes `data` at `key` only if the key does not exist (one conditional put, no HEAD
     /// first), and says which happened. The atomic step of a volume log append.
     pub async fn create(&self, key: &str, data: Bytes) -> Result<Created, OriginError> {
-        let key = StorePath::from(key);
+        self.create_at(StorePath::from(key), data).await
+    }
+
+    async fn create_at(&self, key: StorePath, data: Bytes) -> Result<Created, OriginError> {
         let _permit = self.permit().await;
         let started = Instant::now();
         let length = data.len() as u64;
