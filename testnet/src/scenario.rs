@@ -660,34 +660,10 @@ async fn peer_killed(
     let counted: u64 = readers.iter().filter(|reader| reader.counts_towards_progress).count() as u64;
     let threshold = (counted as f64 * params.object_size as f64 * KILL_AT_PROGRESS_FRACTION) as u64;
     eprintln!("testnet: {} nodes read the object at once; node {victim} dies at {threshold} bytes received", all.len());
-    let started = std::time::Instant::now();
-    let (mut progress, joined) = get_all(readers, trial.object_id, params.timeout);
-    let mut joined = std::pin::pin!(joined);
-    let mut early = None;
-    let killed_at = tokio::select! {
-        reached = progress.wait_for(|received| *received >= threshold) => reached.ok().map(|received| *received),
-        transfers = &mut joined => {
-            early = Some(transfers);
-            None
-        }
-    };
-    let kill_seconds = started.elapsed().as_secs_f64();
-    let handle = trial.testbed.nodes[victim].handle();
-    processes.kill(handle).map_err(|error| TrialError::Kill { node: victim, detail: error.to_string() })?;
-    match processes.wait_exit(handle, KILL_TIMEOUT).await {
-        Ok(Some(_)) => {}
-        Ok(None) => {
-            return Err(TrialError::Kill {
-                node: victim,
-                detail: format!("still running {KILL_TIMEOUT:?} after SIGKILL"),
-            });
-        }
-        Err(error) => return Err(TrialError::Kill { node: victim, detail: error.to_string() }),
-    }
-    let transfers = match early {
-        Some(transfers) => transfers,
-        None => joined.await,
-    };
+    let ReadsUnderWay { reached: killed_at, seconds: kill_seconds, reads, .. } =
+        read_until(readers, trial.object_id, params.timeout, threshold).await;
+    kill_node(processes, trial, victim).await?;
+    let transfers = reads.await;
     match killed_at {
         Some(received) => report.notes.push(format!(
             "node {victim} SIGKILLed at {kill_seconds:.3} s, when the readers had {received} of {} bytes",
@@ -922,6 +898,34 @@ fn churn_victims(params: &Params, count: usize) -> Vec<usize> {
 }
 
 /// SIGKILLs `node` and waits until it is gone.
+/// Reads started at once and still running (or done) once they crossed a byte threshold.
+struct ReadsUnderWay {
+    /// When the reads started.
+    started: std::time::Instant,
+    /// Bytes received in all when the threshold was crossed; None when every read ended first.
+    reached: Option<u64>,
+    /// Seconds from the start to that moment.
+    seconds: f64,
+    /// The reads, to be awaited.
+    reads: std::pin::Pin<Box<dyn Future<Output = Vec<Transfer>> + Send>>,
+}
+
+/// Starts `readers` at once and returns when together they have received `threshold`
+/// bytes, or every read ended first.
+async fn read_until(readers: Vec<Reader>, object_id: ObjectId, timeout: Duration, threshold: u64) -> ReadsUnderWay {
+    let started = std::time::Instant::now();
+    let (mut progress, joined) = get_all(readers, object_id, timeout);
+    let mut reads: std::pin::Pin<Box<dyn Future<Output = Vec<Transfer>> + Send>> = Box::pin(joined);
+    let reached = tokio::select! {
+        reached = progress.wait_for(|received| *received >= threshold) => reached.ok().map(|received| *received),
+        transfers = &mut reads => {
+            reads = Box::pin(std::future::ready(transfers));
+            None
+        }
+    };
+    ReadsUnderWay { started, reached, seconds: started.elapsed().as_secs_f64(), reads }
+}
+
 async fn kill_node(processes: &Processes, trial: &Trial, node: usize) -> Result<(), TrialError> {
     let handle = trial.testbed.nodes[node].handle();
     processes.kill(handle).map_err(|error| TrialError::Kill { node, detail: error.to_string() })?;
@@ -956,29 +960,14 @@ async fn churn(
         "testnet: {} nodes read the object at once; nodes {victims:?} die at {threshold} bytes received",
         all.len()
     );
-    let started = std::time::Instant::now();
-    let (mut progress, joined) = get_all(first_readers, trial.object_id, params.timeout);
-    let mut joined = std::pin::pin!(joined);
-    let mut early = None;
-    let killed_at = tokio::select! {
-        reached = progress.wait_for(|received| *received >= threshold) => reached.ok().map(|received| *received),
-        transfers = &mut joined => {
-            early = Some(transfers);
-            None
-        }
-    };
-    let kill_seconds = started.elapsed().as_secs_f64();
+    let ReadsUnderWay { started, reached: killed_at, seconds: kill_seconds, reads } =
+        read_until(first_readers, trial.object_id, params.timeout, threshold).await;
     for &node in &victims {
         kill_node(processes, trial, node).await?;
     }
     eprintln!("testnet: killed {victims:?} at {kill_seconds:.3} s; restarting {restarted:?}");
     // The restarted nodes come back and read while the survivors are still reading.
-    let survivors_finish = async {
-        match early {
-            Some(transfers) => transfers,
-            None => joined.await,
-        }
-    };
+    let survivors_finish = reads;
     let live_others = (params.nodes - killed_count) as u64;
     let rejoin = async {
         for &node in &restarted {
