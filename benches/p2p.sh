@@ -40,12 +40,10 @@
 # Takes about 1 minute per round for 1 GiB once the release build is done.
 set -euo pipefail
 
-here=$(cd "$(dirname "$0")" && pwd)
-root=$(dirname "$here")
-cd "$root"
-target_dir=${CARGO_TARGET_DIR:-$root/target}
+# shellcheck source=benches/lib.sh
+source "$(dirname "$0")/lib.sh"
+bench_scratch p2p
 bin_dir=${CACHEMESH_BIN_DIR:-$target_dir/release}
-scratch_root=${CACHEMESH_BENCH_DIR:-$target_dir/bench-scratch}
 object_bytes=${P2P_BYTES:-1073741824}
 rounds=${P2P_ROUNDS:-3}
 skip_sendme=${P2P_SKIP_SENDME:-0}
@@ -56,7 +54,6 @@ daemon_log_filter=${CACHEMESH_LOG:-warn}
 # Time limits, in seconds.
 DAEMON_READY_TIMEOUT_SECONDS=60
 MEMBERSHIP_TIMEOUT_SECONDS=60
-PROCESS_STOP_TIMEOUT_SECONDS=30
 SENDME_TICKET_TIMEOUT_SECONDS=300
 
 die() {
@@ -116,36 +113,6 @@ if [[ -n $sendme_bin ]]; then
     echo "sendme: $sendme_bin ($("$sendme_bin" --version 2>/dev/null || echo 'version unknown'))"
 fi
 
-mkdir -p "$scratch_root"
-scratch=$(mktemp -d "$scratch_root/p2p.XXXXXX")
-started_pids=()
-
-stop_process() {
-    local pid=$1
-    kill -0 "$pid" 2>/dev/null || {
-        wait "$pid" 2>/dev/null || true
-        return 0
-    }
-    kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq $((PROCESS_STOP_TIMEOUT_SECONDS * 10))); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-}
-
-cleanup() {
-    local status=$?
-    for pid in "${started_pids[@]}"; do
-        stop_process "$pid"
-    done
-    rm -rf "$scratch"
-    exit "$status"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
 
 echo "scratch: $scratch ($(df -T "$scratch" | awk 'NR == 2 { print $2 }'))"
 
@@ -282,7 +249,7 @@ start_node() {
     fi
     "$daemon_bin" "${args[@]}" </dev/null >"$dir/cachemeshd.log" 2>&1 &
     node_pid=$!
-    started_pids+=("$node_pid")
+    bench_track "$node_pid"
     node_socket=$dir/api.sock
     for _ in $(seq $((DAEMON_READY_TIMEOUT_SECONDS * 10))); do
         if ! kill -0 "$node_pid" 2>/dev/null; then
@@ -374,7 +341,7 @@ cachemesh_leg() {
         same_bytes "$output" "cachemesh get"
         rm -f "$output"
     fi
-    stop_process "$b_pid"
+    bench_stop "$b_pid"
     rm -rf "${scratch:?}/$name/data"
     wait_members "$a_socket" "==" 0
 }
@@ -385,7 +352,7 @@ cachemesh_leg() {
 phase "tcp_copy server"
 "$tcp_bin" serve "$source_file" --listen 127.0.0.1:0 >"$scratch/tcp-serve.out" 2>"$scratch/tcp-serve.err" &
 tcp_pid=$!
-started_pids+=("$tcp_pid")
+bench_track "$tcp_pid"
 tcp_address=""
 for _ in $(seq 100); do
     tcp_address=$(awk '$1 == "listening" { print $2 }' "$scratch/tcp-serve.out")
@@ -402,7 +369,7 @@ if [[ -n $sendme_bin ]]; then
     (cd "$scratch/sendme-send" && exec "$sendme_bin" send --relay disabled --ticket-type addresses --no-progress \
         "$source_file" >"$scratch/sendme-send.out" 2>"$scratch/sendme-send.err" </dev/null) &
     sendme_pid=$!
-    started_pids+=("$sendme_pid")
+    bench_track "$sendme_pid"
     ticket=""
     for _ in $(seq $((SENDME_TICKET_TIMEOUT_SECONDS * 10))); do
         ticket=$(awk '$1 == "sendme" && $2 == "receive" { print $3 }' "$scratch/sendme-send.out")

@@ -19,29 +19,9 @@ writes=${1:-40}
 files=${2:-8}
 file_mib=${3:-256}
 
-here=$(cd "$(dirname "$0")" && pwd)
-root=$(dirname "$here")
-cd "$root"
-target_dir=${CARGO_TARGET_DIR:-$root/target}
-scratch_root=${CACHEMESH_BENCH_DIR:-$target_dir/bench-scratch}
-mkdir -p "$scratch_root"
-scratch=$(mktemp -d "$scratch_root/volumes.XXXXXX")
-pids=()
-
-cleanup() {
-    local status=$?
-    for pid in "${pids[@]}"; do
-        kill -TERM "$pid" 2>/dev/null || true
-    done
-    for pid in "${pids[@]}"; do
-        wait "$pid" 2>/dev/null || true
-    done
-    rm -rf "$scratch"
-    exit "$status"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+# shellcheck source=benches/lib.sh
+source "$(dirname "$0")/lib.sh"
+bench_scratch volumes
 
 echo "=== git $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg), scratch $scratch"
 cargo build --release --bins
@@ -57,7 +37,7 @@ start() {
     shift
     "$bin/cachemeshd" --data-dir "$scratch/$name/data" --api-socket "$scratch/$name/api.sock" \
         --origin "file://$origin" --cache-size 8GiB "$@" >"$scratch/$name.log" 2>&1 &
-    pids+=("$!")
+    bench_track "$!"
     for _ in $(seq 1 300); do
         if curl -sf --unix-socket "$scratch/$name/api.sock" http://x/v1/status >/dev/null 2>&1; then
             return 0
