@@ -1288,6 +1288,10 @@ pub fn describe_metrics() {
     describe_counter!("cachemesh_dht_outbound_queries_total", "Kademlia queries finished, by kind.");
     describe_counter!("cachemesh_dht_provide_refused_total", "Objects that could not be announced, by reason.");
     describe_counter!("cachemesh_membership_announcements_total", "Announcements received, by outcome.");
+    describe_counter!(
+        "cachemesh_members_lost_total",
+        "Members dropped at once because the last connection to them broke (not by leave or expiry)."
+    );
     describe_counter!("cachemesh_volume_heads_sent_total", "Volume head announcements, by outcome.");
     describe_counter!("cachemesh_volume_heads_received_total", "Volume head announcements received, by outcome.");
     describe_counter!(
@@ -1622,6 +1626,7 @@ impl Actor {
                 if self.membership.remove(&peer_id) =>
             {
                 self.members_lost += 1;
+                metrics::counter!("cachemesh_members_lost_total").increment(1);
                 tracing::info!(%peer_id, %cause, "member lost: its connection broke");
                 self.publish_members();
                 let _ = self.lost_members.send(peer_id);

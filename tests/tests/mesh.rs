@@ -240,3 +240,29 @@ async fn readers_of_a_fresh_object_take_each_chunk_from_its_only_holder_about_on
     assert!(uploaded >= object * 0.5, "the readers took little from the only holder: {uploaded}\n{}", metrics.text);
     assert!(uploaded <= object * 1.25, "the seed sent {uploaded} bytes for a {object}-byte object\n{}", metrics.text);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_member_is_dropped_when_its_connection_breaks_and_rejoins_after_restart() {
+    // Goal: a member whose process is SIGKILLed sends no leave; the others still drop it
+    // because its connection broke (counted as lost, which neither a leave nor expiry
+    // counts), and it is a member again once restarted with the same identity.
+    let shared = tempfile::tempdir().unwrap();
+    let origin = format!("file://{}", shared.path().join("origin").display());
+    let key = cluster_key(shared.path(), "cluster.key");
+    let first = Daemon::start_with(mesh_options(&origin, &key, "dc-a", None)).await;
+    let bootstrap = p2p_address(&first).await;
+    let second = Daemon::start_with(mesh_options(&origin, &key, "dc-a", Some(&bootstrap))).await;
+    let mut victim = Daemon::start_with(mesh_options(&origin, &key, "dc-a", Some(&bootstrap))).await;
+    wait_members(&[&first, &second, &victim], 2).await;
+
+    victim.kill9();
+    for node in [&first, &second] {
+        poll_until("the killed member to be dropped as lost", MESH_DEADLINE, || async {
+            let lost = node.metrics().await.sum("cachemesh_members_lost_total", &[]);
+            (lost >= 1.0 && members(node).await == 1).then_some(())
+        })
+        .await;
+    }
+    victim.start_again().await;
+    wait_members(&[&first, &second, &victim], 2).await;
+}
