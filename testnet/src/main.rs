@@ -25,6 +25,7 @@
 //! not be set up or run to its end (bad arguments, missing binaries or moto, a node that
 //! would not start or mesh), 130/143/129 when interrupted by SIGINT/SIGTERM/SIGHUP.
 
+mod charts;
 mod data;
 mod metrics;
 mod network;
@@ -387,7 +388,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         Ok(report) => {
             print!("{}", report.text());
             report.write(&args.out).with_context(|| format!("cannot write the report into {}", args.out.display()))?;
-            eprintln!("cachemesh-testnet: wrote {}/report.json and report.md", args.out.display());
+            eprintln!("cachemesh-testnet: wrote {}/report.json, report.md and the charts (*.svg)", args.out.display());
             Ok(if report.error.is_some() {
                 ExitCode::from(2)
             } else if report.passed {

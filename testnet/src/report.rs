@@ -1,5 +1,5 @@
 //! The trial's report: one row per node, the origin's figures and the checks, printed as a
-//! table and written as `report.json` and `report.md`.
+//! table and written as `report.json` and `report.md`, with the charts of `charts.rs`.
 //!
 //! Bytes are raw counts in JSON; the table shows MiB. `MB/s` is the object's size in
 //! 10^6 bytes over the node's read time. Every figure comes from a boundary: the client's
@@ -15,6 +15,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
+use crate::charts;
 use crate::network::NetworkReport;
 use crate::proxy::ProxyFigures;
 use crate::shaping::{KumarRoss, Rate};
@@ -61,6 +62,9 @@ pub struct NodeRow {
     pub bytes_match: Option<bool>,
     /// Object size / seconds, in 10^6 bytes per second.
     pub mb_per_second: Option<f64>,
+    /// The read's progress: `[seconds from the common start, bytes received so far]` pairs,
+    /// from the first byte to the last (at most `PROGRESS_SAMPLES_MAX`; empty when no byte came).
+    pub progress: Vec<(f64, u64)>,
     /// `cachemesh_bytes_served_total` by source, during the reads.
     pub bytes_served: Option<BySource>,
     /// `cachemesh_chunk_fetches_total` by source, during the reads.
@@ -426,14 +430,20 @@ impl Report {
             },
             self.checks_text(true),
             if self.passed { "All checks passed." } else { "Some checks failed." }
-        )
+        ) + "\n"
+            + &charts::markdown()
     }
 
-    /// Writes `report.json` and `report.md` into `dir`.
+    /// Writes `report.json`, `report.md` and the charts `report.md` shows into `dir`
+    /// (the charts last, so that a chart that cannot be drawn costs no figures).
     pub fn write(&self, dir: &Path) -> std::io::Result<()> {
         let json = serde_json::to_string_pretty(self).map_err(std::io::Error::other)?;
         std::fs::write(dir.join("report.json"), json + "\n")?;
-        std::fs::write(dir.join("report.md"), self.markdown())
+        std::fs::write(dir.join("report.md"), self.markdown())?;
+        for chart in charts::render(self).map_err(std::io::Error::other)? {
+            std::fs::write(dir.join(chart.file), chart.svg)?;
+        }
+        Ok(())
     }
 }
 

@@ -668,6 +668,7 @@ async fn peer_killed(
         Some(received) => report.notes.push(format!(
             "node {victim} SIGKILLed at {kill_seconds:.3} s, when the readers had {received} of {} bytes",
             counted * params.object_size
+        row.progress = transfer.progress_series();
         )),
         None => report.notes.push(format!("node {victim} SIGKILLed after every read had ended ({kill_seconds:.3} s)")),
     }

@@ -7,6 +7,11 @@
 //! published on a watch channel so that a scenario can act at a point of the transfer
 //! (the peer-killed scenario kills a node when the fleet is part-way), without sleeping.
 //!
+//! Each read also keeps a compact progress series ([`ProgressSamples`]): cumulative bytes at
+//! most every [`PROGRESS_SAMPLE_INTERVAL`] (plus the first and the last byte), never more
+//! than [`PROGRESS_SAMPLES_MAX`] samples; a long read thins its series and doubles the
+//! interval rather than grow it. The report's throughput chart is drawn from these.
+//!
 //! Non-goals: retries. A read that fails is reported as failed; the daemon is the one that
 //! must recover from peers going away.
 
@@ -19,6 +24,16 @@ use http_body_util::BodyExt;
 use tokio::sync::watch;
 
 use crate::data::{Digest, Pattern, pattern_body};
+
+/// The least time between two progress samples of one read (the first and last byte are
+/// always sampled).
+pub const PROGRESS_SAMPLE_INTERVAL: Duration = Duration::from_millis(50);
+/// The most progress samples one read keeps; past it every other sample is dropped and the
+/// interval doubles.
+pub const PROGRESS_SAMPLES_MAX: usize = 1000;
+/// Sample times are rounded to this many per second, to keep `report.json` small.
+const PROGRESS_TIME_STEPS_PER_SECOND: f64 = 10_000.0;
+const _: () = assert!(PROGRESS_SAMPLES_MAX >= 4);
 
 /// What one node's read gave.
 #[derive(Debug, Clone)]
@@ -33,6 +48,89 @@ pub struct Transfer {
     pub digest: Digest,
     /// Why the read failed, if it did.
     pub error: Option<String>,
+    /// Cumulative bytes received over time, on the same clock as `first_byte_seconds`.
+    pub progress: ProgressSamples,
+}
+
+impl Transfer {
+    fn new(node: usize) -> Self {
+        Self {
+            node,
+            first_byte_seconds: None,
+            seconds: None,
+            digest: Digest::new(),
+            error: None,
+            progress: ProgressSamples::default(),
+        }
+    }
+
+    /// The progress series as `(seconds from the common start, cumulative bytes)`, moved so
+    /// that its first sample sits at `first_byte_seconds`: a scenario that shifts a read's
+    /// times onto the common start (churn's second reads) shifts `first_byte_seconds`, and
+    /// the series follows.
+    pub fn progress_series(&self) -> Vec<(f64, u64)> {
+        let samples = self.progress.samples();
+        let shift = match (self.first_byte_seconds, samples.first()) {
+            (Some(first_byte), Some(&(first, _))) => first_byte - first,
+            _ => 0.0,
+        };
+        samples.iter().map(|&(seconds, bytes)| (round_seconds(seconds + shift), bytes)).collect()
+    }
+}
+
+/// A read's cumulative bytes over time, thinned to at most [`PROGRESS_SAMPLES_MAX`] samples.
+///
+/// Invariants: times and byte counts never decrease; the first sample is the first byte;
+/// after [`ProgressSamples::finish`] the last sample is the last byte received.
+#[derive(Debug, Clone, Default)]
+pub struct ProgressSamples {
+    /// `(seconds, cumulative bytes)`, kept.
+    samples: Vec<(f64, u64)>,
+    /// The latest point not kept (closer than the interval to the last kept one).
+    pending: Option<(f64, u64)>,
+    /// The current least interval between kept samples, in seconds (0: not started).
+    interval_seconds: f64,
+}
+
+impl ProgressSamples {
+    /// Notes that `bytes` had been received in all at `seconds`.
+    pub fn record(&mut self, seconds: f64, bytes: u64) {
+        let Some(&(last_seconds, _)) = self.samples.last() else {
+            self.samples.push((seconds, bytes));
+            self.interval_seconds = PROGRESS_SAMPLE_INTERVAL.as_secs_f64();
+            return;
+        };
+        if seconds - last_seconds < self.interval_seconds {
+            self.pending = Some((seconds, bytes));
+            return;
+        }
+        self.pending = None;
+        self.samples.push((seconds, bytes));
+        if self.samples.len() >= PROGRESS_SAMPLES_MAX {
+            // Keep every other one from the first byte on; the rest come half as often. The
+            // latest, if dropped, waits as pending so that the series still ends at it.
+            let latest = self.samples.len().is_multiple_of(2).then(|| self.samples[self.samples.len() - 1]);
+            self.samples = self.samples.iter().step_by(2).copied().collect();
+            self.pending = latest;
+            self.interval_seconds *= 2.0;
+        }
+    }
+
+    /// Keeps the last point seen, so that the series ends at the last byte.
+    pub fn finish(&mut self) {
+        if let Some(pending) = self.pending.take() {
+            self.samples.push(pending);
+        }
+    }
+
+    /// The samples kept, `(seconds, cumulative bytes)`.
+    pub fn samples(&self) -> &[(f64, u64)] {
+        &self.samples
+    }
+}
+
+fn round_seconds(seconds: f64) -> f64 {
+    (seconds * PROGRESS_TIME_STEPS_PER_SECOND).round() / PROGRESS_TIME_STEPS_PER_SECOND
 }
 
 /// What the put gave.
@@ -136,8 +234,7 @@ pub fn get_all(
             let progress = reader.counts_towards_progress.then(|| sender.clone());
             let node = reader.node;
             let task = tokio::spawn(async move {
-                let mut transfer =
-                    Transfer { node, first_byte_seconds: None, seconds: None, digest: Digest::new(), error: None };
+                let mut transfer = Transfer::new(node);
                 tokio::time::sleep(reader.start_delay).await;
                 let read = read_one(&reader.client, &object_id, start, progress, &mut transfer);
                 match tokio::time::timeout(timeout, read).await {
@@ -150,6 +247,7 @@ pub fn get_all(
                         ))
                     }
                 }
+                transfer.progress.finish();
                 transfer
             });
             (node, task)
@@ -160,11 +258,8 @@ pub fn get_all(
         let mut out = Vec::with_capacity(tasks.len());
         for (node, task) in tasks {
             out.push(task.await.unwrap_or_else(|error| Transfer {
-                node,
-                first_byte_seconds: None,
-                seconds: None,
-                digest: Digest::new(),
                 error: Some(format!("the read task failed: {error}")),
+                ..Transfer::new(node)
             }));
         }
         out
@@ -184,14 +279,54 @@ async fn read_one(
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|error| format!("the body broke off: {error}"))?;
         if let Ok(data) = frame.into_data() {
+            let seconds = start.elapsed().as_secs_f64();
             if transfer.first_byte_seconds.is_none() {
-                transfer.first_byte_seconds = Some(start.elapsed().as_secs_f64());
+                transfer.first_byte_seconds = Some(seconds);
             }
             transfer.digest.update(&data);
+            transfer.progress.record(seconds, transfer.digest.length());
             if let Some(progress) = &progress {
                 progress.send_modify(|total| *total += data.len() as u64);
             }
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_long_read_keeps_a_bounded_series_from_first_to_last_byte() {
+        // Goal: however long the read, the series stays within PROGRESS_SAMPLES_MAX, keeps
+        // the first and the last byte, and never goes back in time or bytes.
+        let mut progress = ProgressSamples::default();
+        let frames = 200_000u64;
+        for frame in 1..=frames {
+            progress.record(0.25 + frame as f64 * 0.003, frame * 16_384);
+        }
+        progress.finish();
+        let samples = progress.samples();
+        assert!(samples.len() <= PROGRESS_SAMPLES_MAX, "{} samples", samples.len());
+        assert!(samples.len() >= PROGRESS_SAMPLES_MAX / 4, "{} samples", samples.len());
+        assert!((samples[0].0 - 0.253).abs() < 1e-9 && samples[0].1 == 16_384, "{:?}", samples[0]);
+        assert_eq!(samples[samples.len() - 1].1, frames * 16_384);
+        assert!(samples.windows(2).all(|pair| pair[0].0 < pair[1].0 && pair[0].1 <= pair[1].1));
+    }
+
+    #[test]
+    fn the_series_follows_a_shift_of_the_first_byte_time() {
+        // Goal: a read whose times were moved onto the common start (churn's second reads)
+        // reports its progress on that clock too.
+        let mut transfer = Transfer::new(3);
+        transfer.first_byte_seconds = Some(0.1);
+        transfer.progress.record(0.1, 10);
+        transfer.progress.record(0.12, 20);
+        transfer.progress.record(0.2, 30);
+        transfer.progress.finish();
+        assert_eq!(transfer.progress_series(), vec![(0.1, 10), (0.2, 30)]);
+        transfer.first_byte_seconds = Some(5.1);
+        assert_eq!(transfer.progress_series(), vec![(5.1, 10), (5.2, 30)]);
+    }
 }

@@ -113,6 +113,19 @@ fn assert_run_passes(
     let rows = report["rows"].as_array().unwrap().len();
     assert_eq!(rows.to_string(), nodes, "one row per node");
     assert!(out.join("report.md").is_file());
+    for chart in ["completion-cdf.svg", "bytes-by-source.svg", "throughput.svg"] {
+        let svg =
+            std::fs::read_to_string(out.join(chart)).unwrap_or_else(|error| panic!("{scenario}: no {chart}: {error}"));
+        assert!(
+            svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"),
+            "{scenario}: {chart} is not an SVG document"
+        );
+    }
+    let markdown = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(
+        markdown.contains("![completion CDF](completion-cdf.svg)"),
+        "{scenario}: report.md does not show the charts"
+    );
     std::fs::remove_dir_all(&out).unwrap();
     report
 }
@@ -123,6 +136,11 @@ fn cold_start_every_node_gets_the_object_and_the_origin_sends_one_copy() {
     // origin's chunk egress stays within one copy.
     let report = assert_scenario_passes("cold-start", &["identical_bytes", "origin_egress_one_copy"]);
     assert!(report["origin"]["egress_ratio"].as_f64().unwrap() <= 1.02);
+    // Each read's progress series (behind the throughput chart) ends at its last byte.
+    for row in report["rows"].as_array().unwrap().iter().filter(|row| row["result"] == "ok") {
+        let last = row["progress"].as_array().unwrap().last().expect("an ok read has progress samples");
+        assert_eq!(last[1].as_u64(), report["parameters"]["object_size"].as_u64(), "progress ends at the last byte");
+    }
 }
 
 /// Namespaces and links of the testnet run with process id `pid` that still exist.
