@@ -143,6 +143,11 @@ struct RunArgs {
     /// The slow hosts' link rate, each way, in bits per second (as --host-rate).
     #[arg(long, value_name = "RATE", requires = "slow_hosts")]
     slow_rate: Option<Rate>,
+    /// cold-start only: once node 0 has put the object, it is restarted on an empty data
+    /// dir, so the origin is the only seed and node 0 reads like every other node. With
+    /// --nodes 1 this is the one-host time that a fleet's warm time is compared against.
+    #[arg(long)]
+    origin_only: bool,
     /// Keep the temporary root (nodes' data dirs, sockets, logs, the cluster key) instead
     /// of removing it at the end; its path is printed.
     #[arg(long)]
@@ -238,6 +243,9 @@ fn repeat_command(args: &RunArgs, seed: u64) -> String {
     if let (Some(fraction), Some(rate)) = (args.slow_hosts, args.slow_rate) {
         line.push_str(&format!(" --slow-hosts {fraction} --slow-rate {rate}"));
     }
+    if args.origin_only {
+        line.push_str(" --origin-only");
+    }
     if let Some(dir) = &args.bin_dir {
         line.push_str(&format!(" --bin-dir {}", dir.display()));
     }
@@ -274,6 +282,9 @@ impl Interrupts {
 async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     if args.nodes < args.scenario.min_nodes() {
         bail!("{} needs at least {} nodes (--nodes {})", args.scenario.name(), args.scenario.min_nodes(), args.nodes);
+    }
+    if args.origin_only && args.scenario != Scenario::ColdStart {
+        bail!("--origin-only is for cold-start only, not {}", args.scenario.name());
     }
     let bin_dir = match &args.bin_dir {
         Some(dir) => dir.clone(),
@@ -355,6 +366,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         origin_address: network.origin().address,
         network: network.report.clone(),
         timeout: Duration::from_secs(args.timeout),
+        origin_only: args.origin_only,
         binaries,
         bin_dir,
         out: args.out.clone(),

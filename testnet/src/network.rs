@@ -383,6 +383,27 @@ impl Drop for Emulation {
     }
 }
 
+/// Cuts the emulated network into groups, or heals it: with `cut`, each node's namespace
+/// gets a `blackhole` route to the address of every node in another group (so nothing it
+/// sends reaches them, and their packets get no answer), and without it those routes are
+/// removed. `group[K]` is node K's group. The origin's address is never cut off. Only for
+/// nodes in namespaces: a partition of loopback would need a firewall the testnet does not
+/// set up, so the caller refuses it earlier.
+pub async fn set_partition(places: &[Place], group: &[usize], cut: bool) -> Result<(), NetworkError> {
+    for (index, place) in places.iter().enumerate() {
+        let Some(namespace) = &place.namespace else { continue };
+        for (other, other_place) in places.iter().enumerate() {
+            if group[other] == group[index] {
+                continue;
+            }
+            let destination = format!("{}/32", other_place.address);
+            let action = if cut { "replace" } else { "del" };
+            run("ip", &["-n", namespace, "route", action, "blackhole", &destination]).await?;
+        }
+    }
+    Ok(())
+}
+
 /// The network a trial runs on, decided at start.
 #[derive(Debug)]
 pub struct Network {

@@ -33,6 +33,8 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(50);
 const LOG_TAIL_LINES: usize = 12;
 /// Each node's chunk cache budget.
 pub const CACHE_SIZE: &str = "4GiB";
+/// The data dir's name inside a node's directory.
+const DATA_DIR_NAME: &str = "data";
 
 /// Why talking to a node failed.
 #[derive(Debug, thiserror::Error)]
@@ -176,7 +178,7 @@ impl Node {
         let log_err = log.try_clone().map_err(io("cannot duplicate its log"))?;
         let mut args: Vec<String> = vec![
             "--data-dir".into(),
-            dir.join("data").display().to_string(),
+            dir.join(DATA_DIR_NAME).display().to_string(),
             "--api-socket".into(),
             socket.display().to_string(),
             "--origin".into(),
@@ -270,6 +272,11 @@ impl Node {
             }
             tokio::time::sleep(POLL_INTERVAL).await;
         }
+    }
+
+    /// Its data dir (`ROOT/node-K/data`): the cache, the index and its identity.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.join(DATA_DIR_NAME)
     }
 
     /// An error when the process has exited.

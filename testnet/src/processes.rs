@@ -83,6 +83,26 @@ impl Processes {
         }
     }
 
+    /// Sends SIGTERM, the signal a service manager stops a daemon with (nothing when it
+    /// has already exited).
+    #[allow(unsafe_code)]
+    pub fn terminate(&self, handle: ProcessHandle) -> io::Result<()> {
+        let entries = self.lock();
+        let Some(entry) = entries.get(handle.0) else {
+            return Ok(());
+        };
+        let Some(pid) = entry.child.id().filter(|_| entry.exited.is_none()) else {
+            return Ok(());
+        };
+        // SAFETY: kill(2) with a pid this registry spawned and has not reaped (tokio reaps
+        // only through try_wait/wait, which set `exited` or clear `id()` first).
+        if unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) } == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
     /// The exit status, when the child has exited (reaps it).
     pub fn try_wait(&self, handle: ProcessHandle) -> io::Result<Option<ExitStatus>> {
         let mut entries = self.lock();

@@ -40,6 +40,10 @@ use crate::transfer::{PutError, Reader, Transfer, get_all, put};
 use cachemesh_daemon::client::ClientError;
 use cachemesh_proto::api::ErrorCode;
 
+mod mixed_workload;
+mod partition;
+mod rolling_restart;
+
 /// Origin egress allowed per DC, as a multiple of the object size: one copy plus 2%
 /// (retries of a chunk whose answer broke off, and error bodies, are counted too).
 pub const EGRESS_RATIO_PER_DC_MAX: f64 = 1.02;
@@ -96,11 +100,17 @@ pub enum Scenario {
     SlowPeer,
     /// Like cold-start, but each node starts its read at its own seeded time.
     StaggeredJoins,
+    /// The DC is cut into two halves that each go on alone, then healed.
+    Partition,
+    /// Every node is restarted in turn; caches survive and nodes re-advertise.
+    RollingRestart,
+    /// Many objects of different sizes, put on different nodes, read by seeded subsets.
+    MixedWorkload,
 }
 
 impl Scenario {
     /// Every scenario, in help order.
-    pub const ALL: [Scenario; 8] = [
+    pub const ALL: [Scenario; 11] = [
         Self::ColdStart,
         Self::PeerKilled,
         Self::CorruptPeer,
@@ -109,6 +119,9 @@ impl Scenario {
         Self::OriginOutage,
         Self::SlowPeer,
         Self::StaggeredJoins,
+        Self::Partition,
+        Self::RollingRestart,
+        Self::MixedWorkload,
     ];
 
     /// The command-line name.
@@ -122,6 +135,9 @@ impl Scenario {
             Self::OriginOutage => "origin-outage",
             Self::SlowPeer => "slow-peer",
             Self::StaggeredJoins => "staggered-joins",
+            Self::Partition => "partition",
+            Self::RollingRestart => "rolling-restart",
+            Self::MixedWorkload => "mixed-workload",
         }
     }
 
@@ -180,6 +196,31 @@ impl Scenario {
                  link needs for the object when --host-rate is set, 1 s otherwise). Reports each node's start \
                  offset and its own read time."
             }
+            Self::Partition => {
+                "Goal: a DC cut in two keeps serving on both sides and becomes one mesh again when healed. \
+                 Needs the emulated network (root). Node 0 puts; the nodes are cut into two halves (the first \
+                 ceil(N/2) and the rest; each node gets a blackhole route to every node of the other half, the \
+                 origin stays reachable); once each node's membership is its own half, all nodes read the \
+                 object at once (the table shows these reads); then the cut is healed, and once every node \
+                 sees all others again, the first node of the second half puts a fresh object (seed + 1) and \
+                 all nodes read it."
+            }
+            Self::RollingRestart => {
+                "Goal: restarting every node in turn, as an upgrade does, loses no cache and leaves the \
+                 fleet able to find every holder. Node 0 puts; all nodes read the object; then each node in \
+                 turn is stopped with SIGTERM, started again on the same data dir and waited for until it \
+                 sees every other member and advertises what it holds; then all nodes read the object again \
+                 at once (the table shows this second read)."
+            }
+            Self::MixedWorkload => {
+                "Goal: many objects of different sizes, put on different nodes and read by different \
+                 subsets at once, all arrive intact and leave the origin about once each. Besides node 0's \
+                 object of --object-size, 4 objects per node (at most 32 in all) of seeded \
+                 sizes between 1 byte and --object-size (log-uniform, plus exact chunk multiples) \
+                 are put, object K on node K mod N; each node reads each object it did not put with \
+                 probability 1/2 (at least one reader per object), all reads at once. The table shows per \
+                 node its total bytes and the time its last read ended."
+            }
         }
     }
 
@@ -222,6 +263,25 @@ impl Scenario {
                  checked: readers may take every chunk from node 0 and each other."
             }
             Self::StaggeredJoins => "Checks: every node got byte-identical data; origin egress / object size <= 1.02.",
+            Self::Partition => {
+                "Checks: within 90 s of the cut every node's mesh.members is its own half minus one; every \
+                 read during the cut has the right bytes; no half received more data-plane bytes than its \
+                 nodes sent; each half's origin egress <= 1.02 x the object size; within 90 s of healing every \
+                 node sees N - 1 members; after healing every read of the fresh object has the right bytes \
+                 and its origin egress <= 1.02 x (one copy for the healed DC)."
+            }
+            Self::RollingRestart => {
+                "Checks: the first reads have the right bytes; every node exits 0 within 30 s of SIGTERM; \
+                 every restarted node sees N - 1 members and has published its provider records again \
+                 (cachemesh_dht_provided_keys >= 1, cachemesh_dht_provide_queue = 0) within 90 s; after the \
+                 roll every node sees N - 1 members; the second reads have the right bytes, each served \
+                 entirely from the node's own store (bytes_served local = object size), with no origin \
+                 egress."
+            }
+            Self::MixedWorkload => {
+                "Checks: every read has the exact bytes of its object; origin egress <= 1.02 x the summed \
+                 size of the objects read by some node that did not put them."
+            }
         }
     }
 
@@ -232,6 +292,7 @@ impl Scenario {
             Self::TwoDcs => 2,
             Self::OriginOutage | Self::StaggeredJoins => 1,
             Self::PeerKilled | Self::CorruptPeer | Self::Churn | Self::SlowPeer => 3,
+            Self::Partition | Self::RollingRestart | Self::MixedWorkload => 2,
         }
     }
 }
@@ -281,6 +342,8 @@ pub struct Params {
     pub network: NetworkReport,
     /// How long the put, and each read phase, may take.
     pub timeout: Duration,
+    /// cold-start: node 0 drops its copy after the put, so the origin is the only seed.
+    pub origin_only: bool,
     /// The binaries.
     pub binaries: Binaries,
     /// Where they came from.
@@ -310,6 +373,27 @@ pub enum TrialError {
     /// The put failed.
     #[error(transparent)]
     Put(#[from] PutError),
+    /// Changing the emulated network failed.
+    #[error(transparent)]
+    Network(#[from] crate::network::NetworkError),
+    /// The scenario needs what this run does not have.
+    #[error("{scenario} needs {what}; this run has {have}")]
+    Unsupported {
+        /// The scenario.
+        scenario: &'static str,
+        /// What it needs.
+        what: &'static str,
+        /// What the run has instead.
+        have: String,
+    },
+    /// Stopping a node failed.
+    #[error("cannot stop node {node}: {detail}")]
+    Stop {
+        /// The node.
+        node: usize,
+        /// What went wrong.
+        detail: String,
+    },
     /// Killing the victim failed.
     #[error("cannot kill node {node}: {detail}")]
     Kill {
@@ -426,6 +510,14 @@ async fn run_trial(
     report.object_id = Some(put.object_id.to_string());
     report.put_seconds = Some(put.seconds);
     report.notes.push(format!("put: {} chunks, {} uploaded to the origin", put.chunk_count, put.chunks_uploaded));
+    let mut testbed = testbed;
+    if params.origin_only {
+        forget_put_copy(params, processes, root, &mut testbed).await?;
+        report.rows[PUT_NODE].role = "put, then emptied".into();
+        report.notes.push(format!(
+            "--origin-only: node {PUT_NODE} was restarted on an empty data dir after the put; the origin is the only seed"
+        ));
+    }
     let before = snapshot(&testbed.nodes).await;
     let mut trial = Trial { testbed, object_id: put.object_id, expected: put.digest, before };
 
@@ -438,8 +530,46 @@ async fn run_trial(
         Scenario::OriginOutage => origin_outage(params, processes, &mut trial, report).await?,
         Scenario::StaggeredJoins => staggered_joins(params, &mut trial, report).await?,
         Scenario::SlowPeer => slow_peer(params, &mut trial, report, slow.map_or(1, |(slow, _)| slow)).await?,
+        Scenario::Partition => partition::partition(params, &mut trial, report).await?,
+        Scenario::RollingRestart => {
+            rolling_restart::rolling_restart(params, processes, root, &mut trial, report).await?
+        }
+        Scenario::MixedWorkload => mixed_workload::mixed_workload(params, &mut trial, report).await?,
     }
     Ok(())
+}
+
+/// Stops the put node, removes its data dir and starts it again, so that only the origin
+/// holds the object (`--origin-only`).
+async fn forget_put_copy(
+    params: &Params,
+    processes: &Processes,
+    root: &Path,
+    testbed: &mut Testbed,
+) -> Result<(), TrialError> {
+    let node = &testbed.nodes[PUT_NODE];
+    let stop_error = |detail: String| TrialError::Stop { node: PUT_NODE, detail };
+    processes.terminate(node.handle()).map_err(|error| stop_error(error.to_string()))?;
+    match processes.wait_exit(node.handle(), rolling_restart::STOP_TIMEOUT).await {
+        Ok(Some(_)) => {}
+        Ok(None) => return Err(stop_error(format!("still running {:?} after SIGTERM", rolling_restart::STOP_TIMEOUT))),
+        Err(error) => return Err(stop_error(error.to_string())),
+    }
+    let data_dir = node.data_dir();
+    std::fs::remove_dir_all(&data_dir)
+        .map_err(|error| stop_error(format!("cannot remove {}: {error}", data_dir.display())))?;
+    let bootstrap = (params.nodes > 1).then_some(PUT_NODE + 1);
+    testbed.restart_node(processes, &params.binaries, root, PUT_NODE, bootstrap, params.nodes as u64 - 1).await?;
+    // The restarted node has a new identity; until the others have heard of it, their home
+    // choices differ from its own and chunks may leave the origin twice. A cold start
+    // begins with the fleet agreeing on who is in it.
+    let others = params.nodes as u64 - 1;
+    let all: Vec<usize> = (0..params.nodes).collect();
+    let timeout = crate::testbed::MEMBERSHIP_TIMEOUT_BASE;
+    match wait_for_members(testbed, &all, |_, members| members == others, timeout).await {
+        Ok(_) => Ok(()),
+        Err(detail) => Err(TrialError::Setup(SetupError::MeshNotFormed { timeout, detail })),
+    }
 }
 
 fn readers(trial: &Trial, nodes: impl IntoIterator<Item = usize>) -> Vec<Reader> {
@@ -538,6 +668,7 @@ async fn finish_rows(
         };
         row.bytes_received = transfer.digest.length();
         row.first_byte_seconds = transfer.first_byte_seconds;
+        row.progress = transfer.progress_series();
         if let Some(error) = &transfer.error {
             row.error = Some(error.clone());
             if !gone.contains(&index) {
@@ -629,17 +760,28 @@ fn kumar_ross_figure(params: &Params, report: &mut Report) -> Option<KumarRossRe
         }
         return None;
     }
+    // With --origin-only the put node holds nothing when the reads start: it downloads too.
+    let is_downloader = |index: usize| params.origin_only || index != PUT_NODE;
     let downloaders: Vec<Downloader> = (0..params.nodes)
-        .filter(|index| *index != PUT_NODE)
+        .filter(|index| is_downloader(*index))
         .map(|index| Downloader { upload: params.host_rates[index], download: params.host_rates[index] })
         .collect();
-    let minimum = kumar_ross(params.object_size, &[params.rates.origin, params.host_rates[PUT_NODE]], &downloaders)?;
+    let seeds = if params.origin_only {
+        vec![params.rates.origin]
+    } else {
+        vec![params.rates.origin, params.host_rates[PUT_NODE]]
+    };
+    let minimum = kumar_ross(params.object_size, &seeds, &downloaders)?;
     let times: Option<Vec<f64>> =
-        report.rows.iter().filter(|row| row.node != PUT_NODE).map(|row| row.seconds).collect();
+        report.rows.iter().filter(|row| is_downloader(row.node)).map(|row| row.seconds).collect();
     let measured_seconds = times?.into_iter().reduce(f64::max)?;
     Some(KumarRossReport {
         file_bytes: params.object_size,
-        seeds: format!("the origin and node {PUT_NODE} (which put the object)"),
+        seeds: if params.origin_only {
+            "the origin alone (--origin-only)".to_string()
+        } else {
+            format!("the origin and node {PUT_NODE} (which put the object)")
+        },
         downloaders: downloaders.len(),
         measured_seconds,
         ratio: measured_seconds / minimum.seconds,
@@ -668,7 +810,6 @@ async fn peer_killed(
         Some(received) => report.notes.push(format!(
             "node {victim} SIGKILLed at {kill_seconds:.3} s, when the readers had {received} of {} bytes",
             counted * params.object_size
-        row.progress = transfer.progress_series();
         )),
         None => report.notes.push(format!("node {victim} SIGKILLed after every read had ended ({kill_seconds:.3} s)")),
     }
@@ -812,7 +953,9 @@ async fn two_dcs(params: &Params, trial: &mut Trial, report: &mut Report) -> Res
             wrong_members.join("; ")
         },
     ));
-    let balance = data_plane_balance_check(trial, &after, report);
+    let in_dc = |dc: &str| nodes.iter().filter(|node| node.spec.dc == dc).map(Node::index).collect::<Vec<_>>();
+    let groups = [(DC_A, in_dc(DC_A)), (DC_B, in_dc(DC_B))];
+    let balance = data_plane_balance_check("no_cross_dc_data_plane_bytes", &groups, trial, &after, report);
     report.checks.push(balance);
 
     let per_dc = report.origin.chunk_get_bytes_per_dc.clone();
@@ -839,18 +982,24 @@ const DATA_PLANE_SENT: &str = "cachemesh_peer_upload_bytes_total";
 /// Chunk bytes a node received whole from peers on the data plane.
 const DATA_PLANE_RECEIVED: &str = "cachemesh_peer_download_bytes_total";
 
-/// During the reads, no DC received more data-plane bytes than its own nodes sent: bytes
-/// that came from the other DC would show up as a DC receiving more than it sent. (Sent can
-/// exceed received within a DC: an upload counts as it is written, a download only when
-/// the whole chunk has arrived, so a cancelled or hedged request counts on one side only.)
-fn data_plane_balance_check(trial: &Trial, after: &[Option<Metrics>], report: &mut Report) -> Check {
-    let name = "no_cross_dc_data_plane_bytes";
+/// During the reads, no group of nodes (a DC, a side of a partition) received more
+/// data-plane bytes than its own nodes sent: bytes that came from another group would show
+/// up as a group receiving more than it sent. (Sent can exceed received within a group: an
+/// upload counts as it is written, a download only when the whole chunk has arrived, so a
+/// cancelled or hedged request counts on one side only.)
+fn data_plane_balance_check(
+    name: &str,
+    groups: &[(&str, Vec<usize>)],
+    trial: &Trial,
+    after: &[Option<Metrics>],
+    report: &mut Report,
+) -> Check {
     let mut lines = Vec::new();
     let mut passed = true;
     let mut exposed = false;
-    for dc in [DC_A, DC_B] {
+    for (group, members) in groups {
         let (mut sent, mut received) = (0u64, 0u64);
-        for node in trial.testbed.nodes.iter().filter(|node| node.spec.dc == dc) {
+        for node in trial.testbed.nodes.iter().filter(|node| members.contains(&node.index())) {
             let (Some(before), Some(now)) = (&trial.before[node.index()], &after[node.index()]) else {
                 return Check::new(name, false, format!("the metrics of node {} could not be read", node.index()));
             };
@@ -859,7 +1008,7 @@ fn data_plane_balance_check(trial: &Trial, after: &[Option<Metrics>], report: &m
             received += now.count(DATA_PLANE_RECEIVED, &[]).saturating_sub(before.count(DATA_PLANE_RECEIVED, &[]));
         }
         passed &= received <= sent;
-        lines.push(format!("{dc} nodes received {received} and sent {sent} data-plane bytes"));
+        lines.push(format!("{group} nodes received {received} and sent {sent} data-plane bytes"));
     }
     let from_peers: u64 = report.rows.iter().filter_map(|row| row.bytes_served).map(|s| s.peer + s.home).sum();
     if !exposed && from_peers > 0 {
@@ -972,7 +1121,7 @@ async fn churn(
     let live_others = (params.nodes - killed_count) as u64;
     let rejoin = async {
         for &node in &restarted {
-            trial.testbed.restart_node(processes, &params.binaries, root, node, PUT_NODE, live_others).await?;
+            trial.testbed.restart_node(processes, &params.binaries, root, node, Some(PUT_NODE), live_others).await?;
         }
         let restart_seconds = started.elapsed().as_secs_f64();
         for &node in &restarted {
@@ -1286,4 +1435,34 @@ async fn staggered_joins(params: &Params, trial: &mut Trial, report: &mut Report
     report.checks.push(identical_bytes_check("identical_bytes", report, &all));
     report.checks.push(egress_check("origin_egress_one_copy", report.origin.chunk_get_bytes, params.object_size, 1.0));
     Ok(())
+}
+
+/// Polls every node in `nodes` until `wanted(node, members)` holds for each (`members`:
+/// its `mesh.members`), at most `timeout`; returns the seconds it took, or what each node
+/// that did not get there saw last.
+async fn wait_for_members(
+    testbed: &Testbed,
+    nodes: &[usize],
+    wanted: impl Fn(usize, u64) -> bool,
+    timeout: Duration,
+) -> Result<f64, String> {
+    let started = std::time::Instant::now();
+    loop {
+        let mut waiting = Vec::new();
+        for &index in nodes {
+            match testbed.nodes[index].status().await.map(|status| status.mesh.map(|mesh| mesh.members)) {
+                Ok(Some(members)) if wanted(index, members) => {}
+                Ok(Some(members)) => waiting.push(format!("node {index} sees {members}")),
+                Ok(None) => waiting.push(format!("node {index} reports no mesh")),
+                Err(error) => waiting.push(error.to_string()),
+            }
+        }
+        if waiting.is_empty() {
+            return Ok(started.elapsed().as_secs_f64());
+        }
+        if started.elapsed() >= timeout {
+            return Err(waiting.join("; "));
+        }
+        tokio::time::sleep(crate::node::POLL_INTERVAL).await;
+    }
 }

@@ -173,24 +173,27 @@ impl Testbed {
         Ok(Self { proxies, nodes: meshed, mesh_formed_seconds, cluster_key })
     }
 
-    /// Starts node `index` again (after it was killed) on the same directory, data dir and
-    /// origin proxy, bootstrapped from `bootstrap_from`, and waits until it answers and sees
-    /// at least `members` other members; replaces the old node in [`Testbed::nodes`].
+    /// Starts node `index` again (after it stopped) on the same directory, data dir and
+    /// origin proxy, bootstrapped from `bootstrap_from` (None: from nothing, for a lone
+    /// node), and waits until it answers and sees at least `members` other members;
+    /// replaces the old node in [`Testbed::nodes`].
     pub async fn restart_node(
         &mut self,
         processes: &Processes,
         binaries: &Binaries,
         root: &Path,
         index: usize,
-        bootstrap_from: usize,
+        bootstrap_from: Option<usize>,
         members: u64,
     ) -> Result<(), SetupError> {
-        let address = self.nodes[bootstrap_from].p2p_address().ok_or_else(|| SetupError::NoBootstrapAddress {
-            index: bootstrap_from,
-            addresses: self.nodes[bootstrap_from].mesh.p2p_listen.clone(),
-        })?;
         let mut spec = self.nodes[index].spec.clone();
-        spec.bootstrap = vec![address];
+        spec.bootstrap = match bootstrap_from {
+            Some(from) => vec![self.nodes[from].p2p_address().ok_or_else(|| SetupError::NoBootstrapAddress {
+                index: from,
+                addresses: self.nodes[from].mesh.p2p_listen.clone(),
+            })?],
+            None => Vec::new(),
+        };
         let mut node = Node::start(processes, binaries, root, &self.cluster_key, spec).await?;
         let timeout = MEMBERSHIP_TIMEOUT_BASE;
         let deadline = Instant::now() + timeout;

@@ -359,6 +359,83 @@ fn staggered_joins_every_node_gets_the_object_and_the_origin_sends_one_copy() {
 }
 
 #[test]
+fn partition_halves_go_on_alone_and_heal_into_one_mesh() {
+    // Goal: a DC cut in two keeps serving on both sides without a byte crossing the cut,
+    // each half pulls at most one copy from the origin, and once healed the halves form one
+    // mesh again (a fresh object leaves the origin at most once for the whole fleet). The
+    // cut needs the emulated network; elsewhere the testnet must refuse clearly (exit 2).
+    if can_emulate() {
+        assert_scenario_passes(
+            "partition",
+            &[
+                "halves_drop_each_other",
+                "identical_bytes_while_cut",
+                "no_data_plane_bytes_across_the_cut",
+                "origin_egress_half_a_one_copy",
+                "origin_egress_half_b_one_copy",
+                "mesh_heals",
+                "identical_bytes_after_healing",
+                "origin_egress_after_healing_one_copy",
+            ],
+        );
+    } else {
+        let (output, report, out) = run_scenario("partition", NODES, OBJECT_SIZE, &[]);
+        let explanation = explain(&output, out.path());
+        assert_eq!(output.status.code(), Some(2), "{explanation}");
+        assert!(report["error"].as_str().unwrap().contains("needs the emulated network"), "{explanation}");
+    }
+}
+
+#[test]
+fn rolling_restart_keeps_every_cache_and_nodes_advertise_again() {
+    // Goal: every node stopped with SIGTERM and started again in turn exits cleanly,
+    // rejoins, publishes its provider records again, and afterwards serves the whole object
+    // from its own store with nothing from the origin.
+    assert_scenario_passes(
+        "rolling-restart",
+        &[
+            "first_reads_identical_bytes",
+            "graceful_stops",
+            "readvertised",
+            "one_mesh_after_the_roll",
+            "second_reads_identical_bytes",
+            "caches_survived",
+        ],
+    );
+}
+
+#[test]
+fn mixed_workload_every_object_arrives_intact_and_leaves_the_origin_once() {
+    // Goal: objects from a few bytes to many chunks, put on different nodes and read by
+    // different subsets at once, all arrive with their exact bytes.
+    let report = assert_scenario_passes("mixed-workload", &["identical_bytes", "origin_egress_one_copy_per_object"]);
+    let notes = report["notes"].as_array().unwrap();
+    assert!(
+        notes.iter().any(|note| note.as_str().unwrap().contains("distinct sizes")),
+        "the objects are listed: {notes:?}"
+    );
+}
+
+#[test]
+fn origin_only_cold_start_pulls_the_object_from_the_origin_once() {
+    // Goal: with --origin-only the put node forgets the object, so the fleet (the put node
+    // included) must take it from the origin: exactly one copy leaves it, and the put node
+    // reads it like the others.
+    let report = assert_run_passes(
+        "cold-start",
+        "2",
+        OBJECT_SIZE,
+        &["--origin-only"],
+        &["identical_bytes", "origin_egress_one_copy"],
+    );
+    let egress = report["origin"]["egress_ratio"].as_f64().unwrap();
+    assert!((0.99..=1.02).contains(&egress), "one copy from the origin, not {egress}");
+    let put_row = &report["rows"][0];
+    assert_eq!(put_row["role"], "put, then emptied");
+    assert_eq!(put_row["bytes_served"]["local"], 0, "the put node held nothing: {put_row}");
+}
+
+#[test]
 fn help_lists_every_scenario_and_parameter() {
     // Goal: `--help` and `run --help` explain every scenario and every parameter.
     for args in [&["--help"][..], &["run", "--help"][..]] {
@@ -374,6 +451,9 @@ fn help_lists_every_scenario_and_parameter() {
             "origin-outage",
             "slow-peer",
             "staggered-joins",
+            "partition",
+            "rolling-restart",
+            "mixed-workload",
             "Checks:",
         ] {
             assert!(text.contains(word), "{args:?} does not mention {word}:\n{text}");
@@ -393,6 +473,7 @@ fn help_lists_every_scenario_and_parameter() {
                 "--origin-rate",
                 "--slow-hosts",
                 "--slow-rate",
+                "--origin-only",
             ] {
                 assert!(text.contains(flag), "run --help does not mention {flag}:\n{text}");
             }
