@@ -518,8 +518,7 @@ fn tick_label(value: f64, decimals: usize) -> String {
 mod tests {
     use super::*;
 
-    use crate::network::NetworkReport;
-    use crate::report::{KumarRossReport, OriginReport, Parameters};
+    use crate::report::KumarRossReport;
     use crate::shaping::KumarRoss;
 
     const MIB: u64 = 1 << 20;
@@ -542,36 +541,7 @@ mod tests {
     }
 
     fn report(rows: Vec<NodeRow>) -> Report {
-        Report {
-            testnet_version: "0".into(),
-            parameters: Parameters {
-                scenario: "cold-start".into(),
-                nodes: rows.len(),
-                object_size: 4 * MIB,
-                seed: 1,
-                upload_limit: None,
-                net: "loopback".into(),
-                host_rate: None,
-                origin_rate: None,
-                slow_hosts: None,
-                slow_rate: None,
-                timeout_seconds: 60,
-                bin_dir: "/x".into(),
-                repeat: "cachemesh-testnet run cold-start".into(),
-            },
-            goal: "goal".into(),
-            object_id: None,
-            put_seconds: None,
-            mesh_formed_seconds: None,
-            network: NetworkReport::default(),
-            kumar_ross: None,
-            rows,
-            origin: OriginReport::default(),
-            checks: Vec::new(),
-            notes: Vec::new(),
-            error: None,
-            passed: false,
-        }
+        crate::report::test_report(rows)
     }
 
     fn four_nodes() -> Report {

@@ -464,6 +464,41 @@ pub fn format_mib(bytes: u64) -> String {
     }
 }
 
+/// A report with these rows and plain parameters, for the tests of this crate's modules.
+#[cfg(test)]
+pub(crate) fn test_report(rows: Vec<NodeRow>) -> Report {
+    Report {
+        testnet_version: "0".into(),
+        parameters: Parameters {
+            scenario: "cold-start".into(),
+            nodes: rows.len(),
+            object_size: 4 << 20,
+            seed: 9,
+            upload_limit: None,
+            net: "auto".into(),
+            host_rate: None,
+            origin_rate: None,
+            slow_hosts: None,
+            slow_rate: None,
+            timeout_seconds: 60,
+            bin_dir: "/x".into(),
+            repeat: "cachemesh-testnet run cold-start".into(),
+        },
+        goal: "goal".into(),
+        object_id: None,
+        put_seconds: None,
+        mesh_formed_seconds: None,
+        network: NetworkReport::default(),
+        kumar_ross: None,
+        rows,
+        origin: OriginReport::default(),
+        checks: Vec::new(),
+        notes: Vec::new(),
+        error: None,
+        passed: false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -479,36 +514,10 @@ mod tests {
             mb_per_second: Some(2.8),
             ..NodeRow::default()
         };
-        Report {
-            testnet_version: "0".into(),
-            parameters: Parameters {
-                scenario: "cold-start".into(),
-                nodes: 1,
-                object_size: 4 << 20,
-                seed: 9,
-                upload_limit: None,
-                net: "auto".into(),
-                host_rate: None,
-                origin_rate: None,
-                slow_hosts: None,
-                slow_rate: None,
-                timeout_seconds: 60,
-                bin_dir: "/x".into(),
-                repeat: "cachemesh-testnet run cold-start".into(),
-            },
-            goal: "goal".into(),
-            object_id: None,
-            put_seconds: Some(0.5),
-            mesh_formed_seconds: None,
-            network: NetworkReport::default(),
-            kumar_ross: None,
-            rows: vec![row],
-            origin: OriginReport::default(),
-            checks: vec![Check::new("identical_bytes", true, "1 of 1")],
-            notes: Vec::new(),
-            error: None,
-            passed: false,
-        }
+        let mut report = test_report(vec![row]);
+        report.put_seconds = Some(0.5);
+        report.checks = vec![Check::new("identical_bytes", true, "1 of 1")];
+        report
     }
 
     #[test]

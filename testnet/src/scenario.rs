@@ -1466,3 +1466,17 @@ async fn wait_for_members(
         tokio::time::sleep(crate::node::POLL_INTERVAL).await;
     }
 }
+
+/// The check on a [`wait_for_members`]: passed when the wait ended in time; the detail says
+/// what was `reached` and when, or what each node that did not get there saw.
+fn membership_check(name: &str, waited: &Result<f64, String>, reached: &str, timeout: Duration) -> Check {
+    match waited {
+        Ok(seconds) => Check::new(name, true, format!("{reached} after {seconds:.2} s")),
+        Err(seen) => Check::new(name, false, format!("after {timeout:?}: {seen}")),
+    }
+}
+
+/// A check that passes when nothing went wrong: `ok` as its detail, else the problems.
+fn problems_check(name: &str, problems: &[String], ok: String) -> Check {
+    Check::new(name, problems.is_empty(), if problems.is_empty() { ok } else { problems.join("; ") })
+}

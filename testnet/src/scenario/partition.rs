@@ -18,12 +18,12 @@ use std::time::Duration;
 
 use crate::data::Pattern;
 use crate::network::set_partition;
-use crate::report::{Check, Report};
+use crate::report::Report;
 use crate::transfer::{get_all, put};
 
 use super::{
-    EGRESS_RATIO_PER_DC_MAX, Params, Trial, TrialError, bytes_match, data_plane_balance_check, egress_check,
-    finish_rows, identical_bytes_check, read_all, readers, wait_for_members,
+    EGRESS_RATIO_PER_DC_MAX, Params, Trial, TrialError, data_plane_balance_check, egress_check, finish_rows,
+    identical_bytes_check, membership_check, read_all, readers, transfers_check, wait_for_members,
 };
 
 /// How long the halves may take to drop each other from their membership once cut, and to
@@ -59,14 +59,8 @@ pub(super) async fn partition(params: &Params, trial: &mut Trial, report: &mut R
         PARTITION_MEMBERSHIP_TIMEOUT,
     )
     .await;
-    report.checks.push(Check::new(
-        "halves_drop_each_other",
-        cut.is_ok(),
-        match &cut {
-            Ok(seconds) => format!("every node's membership was its own half after {seconds:.2} s"),
-            Err(seen) => format!("after {PARTITION_MEMBERSHIP_TIMEOUT:?}: {seen}"),
-        },
-    ));
+    let reached = "every node's membership was its own half";
+    report.checks.push(membership_check("halves_drop_each_other", &cut, reached, PARTITION_MEMBERSHIP_TIMEOUT));
 
     let transfers = read_all(params, trial, all.clone()).await;
     let after = finish_rows(params, trial, &transfers, &[], report).await;
@@ -90,14 +84,8 @@ pub(super) async fn partition(params: &Params, trial: &mut Trial, report: &mut R
     let everyone = nodes as u64 - 1;
     let healed =
         wait_for_members(&trial.testbed, &all, |_, members| members >= everyone, PARTITION_MEMBERSHIP_TIMEOUT).await;
-    report.checks.push(Check::new(
-        "mesh_heals",
-        healed.is_ok(),
-        match &healed {
-            Ok(seconds) => format!("every node saw all {everyone} others {seconds:.2} s after the cut was healed"),
-            Err(seen) => format!("after {PARTITION_MEMBERSHIP_TIMEOUT:?}: {seen}"),
-        },
-    ));
+    let reached = format!("every node saw all {everyone} others once the cut was healed");
+    report.checks.push(membership_check("mesh_heals", &healed, &reached, PARTITION_MEMBERSHIP_TIMEOUT));
 
     // The first node of the second half puts a fresh object; the whole fleet reads it. Were
     // the halves still apart, the first half would pull its own copy from the origin.
@@ -109,20 +97,7 @@ pub(super) async fn partition(params: &Params, trial: &mut Trial, report: &mut R
     let fresh = put(&client, putter, pattern, params.object_size, params.timeout).await?;
     let (_progress, joined) = get_all(readers(trial, all.clone()), fresh.object_id, params.timeout);
     let reads = joined.await;
-    let bad: Vec<String> = reads
-        .iter()
-        .filter(|read| read.error.is_some() || !bytes_match(&read.digest, &fresh.digest))
-        .map(|read| format!("node {}: {}", read.node, read.error.as_deref().unwrap_or("wrong bytes")))
-        .collect();
-    report.checks.push(Check::new(
-        "identical_bytes_after_healing",
-        bad.is_empty(),
-        if bad.is_empty() {
-            format!("all {nodes} reads of the object node {putter} put after healing had its exact bytes")
-        } else {
-            bad.join("; ")
-        },
-    ));
+    report.checks.push(transfers_check("identical_bytes_after_healing", "reads after healing", &reads, &fresh.digest));
     let egress = trial.testbed.origin_total(|_| true).chunk_get_bytes.saturating_sub(egress_before);
     report.checks.push(egress_check("origin_egress_after_healing_one_copy", egress, params.object_size, 1.0));
     let slowest = reads.iter().filter(|read| read.node != putter).filter_map(|read| read.seconds).reduce(f64::max);

@@ -16,7 +16,8 @@ use std::time::Duration;
 use crate::report::{Check, Report};
 
 use super::{
-    Params, Processes, Trial, TrialError, finish_rows, identical_bytes_check, read_all, snapshot, wait_for_members,
+    Params, Processes, Trial, TrialError, finish_rows, identical_bytes_check, membership_check, problems_check,
+    read_all, snapshot, transfers_check, wait_for_members,
 };
 
 /// How long a node may take to exit after SIGTERM: its graceful shutdown (leaving the
@@ -35,20 +36,7 @@ pub(super) async fn rolling_restart(
     let nodes = params.nodes;
     let all: Vec<usize> = (0..nodes).collect();
     let first = read_all(params, trial, all.clone()).await;
-    let first_bad: Vec<String> = first
-        .iter()
-        .filter(|read| read.error.is_some() || !super::bytes_match(&read.digest, &trial.expected))
-        .map(|read| format!("node {}: {}", read.node, read.error.as_deref().unwrap_or("wrong bytes")))
-        .collect();
-    report.checks.push(Check::new(
-        "first_reads_identical_bytes",
-        first_bad.is_empty(),
-        if first_bad.is_empty() {
-            format!("all {nodes} first reads had the exact bytes")
-        } else {
-            first_bad.join("; ")
-        },
-    ));
+    report.checks.push(transfers_check("first_reads_identical_bytes", "first reads", &first, &trial.expected));
 
     let mut unclean = Vec::new();
     let mut not_advertising = Vec::new();
@@ -80,33 +68,16 @@ pub(super) async fn rolling_restart(
         ));
     }
     report.notes.push(format!("the roll, each step from its SIGTERM: {}", steps.join("; ")));
-    report.checks.push(Check::new(
-        "graceful_stops",
-        unclean.is_empty(),
-        if unclean.is_empty() {
-            format!("all {nodes} nodes exited 0 within {STOP_TIMEOUT:?} of SIGTERM")
-        } else {
-            unclean.join("; ")
-        },
-    ));
-    report.checks.push(Check::new(
-        "readvertised",
-        not_advertising.is_empty(),
-        if not_advertising.is_empty() {
-            format!("every restarted node advertised its objects within {READVERTISE_TIMEOUT:?}")
-        } else {
-            not_advertising.join("; ")
-        },
-    ));
+    let stopped = format!("all {nodes} nodes exited 0 within {STOP_TIMEOUT:?} of SIGTERM");
+    report.checks.push(problems_check("graceful_stops", &unclean, stopped));
+    let advertised = format!("every restarted node republished its provider records within {READVERTISE_TIMEOUT:?}");
+    report.checks.push(problems_check("readvertised", &not_advertising, advertised));
     // A node that went last may not yet be heard by all (the others dropped it when it
     // stopped and hear it again with its next announcement).
     let members =
         wait_for_members(&trial.testbed, &all, |_, members| members >= nodes as u64 - 1, READVERTISE_TIMEOUT).await;
-    report.checks.push(Check::new(
-        "one_mesh_after_the_roll",
-        members.is_ok(),
-        members.map_or_else(|seen| seen, |_| format!("every node sees the {} others", nodes - 1)),
-    ));
+    let reached = format!("every node sees the {} others", nodes - 1);
+    report.checks.push(membership_check("one_mesh_after_the_roll", &members, &reached, READVERTISE_TIMEOUT));
 
     trial.before = snapshot(&trial.testbed.nodes).await;
     let egress_before = trial.testbed.origin_total(|_| true).chunk_get_bytes;
