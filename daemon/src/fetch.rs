@@ -29,7 +29,7 @@ use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
 use tokio::sync::{Semaphore, oneshot};
 
-use crate::mesh::{HOLDER_ATTEMPTS_MAX, Holders, Mesh};
+use crate::mesh::{Attempt, HOLDER_ATTEMPTS_MAX, Holders, Mesh};
 use crate::origin::{Origin, OriginError};
 use crate::store::{Store, StoreError};
 
@@ -339,9 +339,10 @@ impl Fetcher {
         if let Some((object, index)) = of {
             let Holders { partial, complete } = mesh.holders(object, index).await;
             if !partial.is_empty() {
-                let order = partial.into_iter().chain(complete).take(HOLDER_ATTEMPTS_MAX).collect();
-                if let Some(bytes) = mesh.race_holders(order, id).await {
-                    return Ok(self.keep(id, bytes, Source::Peer, Some(object)));
+                let order =
+                    partial.into_iter().chain(complete).take(HOLDER_ATTEMPTS_MAX).map(Attempt::Holder).collect();
+                if let Some((bytes, source)) = mesh.race(order, id, None).await {
+                    return Ok(self.keep(id, bytes, source, Some(object)));
                 }
             } else if !complete.is_empty() {
                 // Only hosts holding the whole object have it. When many hosts read the
@@ -355,8 +356,8 @@ impl Fetcher {
                 match home {
                     Some(None) => return self.fetch_as_home(id, of, mesh).await,
                     Some(Some(home)) => {
-                        if let Some(bytes) = mesh.fetch_from_home(&home, id, of).await {
-                            return Ok(self.keep(id, bytes, Source::Home, Some(object)));
+                        if let Some((bytes, source)) = mesh.race(vec![Attempt::Home(home, of)], id, of).await {
+                            return Ok(self.keep(id, bytes, source, Some(object)));
                         }
                     }
                     None => {}
@@ -372,8 +373,8 @@ impl Fetcher {
                 // This node is the home: coalesce with peers' home requests.
                 None => return self.fetch_as_home(id, of, mesh).await,
                 Some(peer) => {
-                    if let Some(bytes) = mesh.fetch_from_home(&peer, id, of).await {
-                        return Ok(self.keep(id, bytes, Source::Home, of.map(|(object, _)| object)));
+                    if let Some((bytes, source)) = mesh.race(vec![Attempt::Home(peer, of)], id, of).await {
+                        return Ok(self.keep(id, bytes, source, of.map(|(object, _)| object)));
                     }
                 }
             }

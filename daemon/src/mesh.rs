@@ -11,6 +11,9 @@
 //!   first is slower than the hedge delay ([`crate::hedge`]) the next is asked too and the
 //!   first verified answer wins. A peer that sends corrupt bytes is penalised for
 //!   [`PEER_PENALTY`].
+//! - While a reader waits on a chunk's home node, it looks again for holders now and then
+//!   ([`Mesh::race`]): readers served before it hold the chunk too. A home fetching from
+//!   holders waits its turn in their lines for upload slots rather than go to the origin.
 //! - Holders of an object are its DHT providers plus the peers that asked this node for
 //!   its have-set: a peer asking is fetching the object and serves what it has so far.
 //! - The home order of a chunk (rendezvous hashing over the live members and this node)
@@ -37,7 +40,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use crate::discovery::parse_listen_addr;
 use crate::discovery::{BootstrapAddr, Discovery, DiscoveryConfig};
-use crate::fetch::{FetchError, Fetcher};
+use crate::fetch::{FetchError, Fetcher, Source};
 use crate::hedge::HedgePolicy;
 use crate::identity::{ClusterKey, NodeIdentity};
 use crate::placement::{Position, home_order};
@@ -63,6 +66,8 @@ pub const PROVIDERS_PER_OBJECT_MAX: usize = 64;
 pub const HOLDER_CACHE_OBJECTS_MAX: usize = 1024;
 /// Holders tried for one chunk (hedges included) before moving on to its home node.
 pub const HOLDER_ATTEMPTS_MAX: usize = 3;
+/// Times one chunk fetch looks again for holders while its requests wait (see [`Mesh::race`]).
+pub const HOLDER_REFRESHES_MAX: usize = 4;
 /// Home candidates tried (this node counts) before going to the origin directly.
 pub const HOME_CANDIDATES_MAX: usize = 3;
 /// How long a peer that sent corrupt bytes is avoided.
@@ -207,6 +212,36 @@ pub struct Holders {
     pub partial: Vec<PeerTarget>,
     /// Holders of the whole object: in a storm, the node that put it and the first to finish.
     pub complete: Vec<PeerTarget>,
+}
+
+/// What a chunk request asks of a peer.
+#[derive(Debug, Clone, Copy)]
+enum Ask {
+    /// A reader asks a holder (which may answer `Busy`).
+    Holder,
+    /// A home node asks a holder (which serves it in turn, never `Busy` for its line).
+    HolderForHome,
+    /// A reader asks the chunk's home node, naming the object and index if known.
+    Home(Option<(ObjectId, u32)>),
+}
+
+/// One way [`Mesh::race`] may get a chunk.
+#[derive(Debug, Clone)]
+pub enum Attempt {
+    /// Ask a peer that holds it.
+    Holder(PeerTarget),
+    /// Ask a peer that holds it, for this node as the chunk's home (waits in its line).
+    HolderForHome(PeerTarget),
+    /// Ask the chunk's home node, naming the object and index it is read for if known.
+    Home(PeerTarget, Option<(ObjectId, usize)>),
+}
+
+impl Attempt {
+    fn peer(&self) -> &PeerTarget {
+        match self {
+            Self::Holder(peer) | Self::HolderForHome(peer) | Self::Home(peer, _) => peer,
+        }
+    }
 }
 
 /// Whether a have-set looks like a whole object: its set bits are exactly a prefix that ends
@@ -535,10 +570,15 @@ impl Mesh {
     /// The chunk at `index` of `object` from a peer that holds it, verified; `None` when no
     /// holder could give it. Holders still fetching the object are asked before those that
     /// hold all of it.
+    ///
+    /// This is the home path: the requests wait their turn in each holder's line for upload
+    /// slots (`GetChunkForHome`) rather than being turned away, since the alternative is the
+    /// origin for a chunk the DC holds.
     pub async fn fetch_from_holders(self: &Arc<Self>, object: ObjectId, index: usize, chunk: ChunkId) -> Option<Bytes> {
         let Holders { mut partial, complete } = self.holders(object, index).await;
         partial.extend(complete);
-        self.race_holders(partial.into_iter().take(HOLDER_ATTEMPTS_MAX).collect(), chunk).await
+        let attempts = partial.into_iter().take(HOLDER_ATTEMPTS_MAX).map(Attempt::HolderForHome).collect();
+        self.race(attempts, chunk, None).await.map(|(bytes, _)| bytes)
     }
 
     /// Live, unpenalised members that hold chunk `index` of `object`, least loaded first,
@@ -609,44 +649,91 @@ impl Mesh {
     /// Asks `holders` in order for `chunk`: the next one when the previous fails, or when it
     /// is slower than the hedge delay (then both race and the first verified answer wins;
     /// the loser's stream is reset when its future drops).
-    pub async fn race_holders(&self, holders: Vec<PeerTarget>, chunk: ChunkId) -> Option<Bytes> {
-        let mut waiting = holders.into_iter();
+    pub async fn race_holders(self: &Arc<Self>, holders: Vec<PeerTarget>, chunk: ChunkId) -> Option<Bytes> {
+        let attempts = holders.into_iter().map(Attempt::Holder).collect();
+        self.race(attempts, chunk, None).await.map(|(bytes, _)| bytes)
+    }
+
+    /// Makes `attempts` in order for `chunk`, as [`Mesh::race_holders`] does; with `refresh`
+    /// (the object and index the chunk is read for), once the attempts are all under way
+    /// and the latest is slower than the hedge delay, looks again for holders of the chunk
+    /// (at most [`HOLDER_REFRESHES_MAX`] times) and asks one it has not asked yet.
+    ///
+    /// Why: when many nodes want one chunk at once, its first holders (its home after the
+    /// fetch, the node that put it) send it to a few requesters at a time and the others
+    /// wait in line; meanwhile the first receivers hold it too. A waiting requester that
+    /// asks one of them as well gets it sooner, and the chunk spreads like a tree instead
+    /// of as a star around its first holder.
+    pub async fn race(
+        self: &Arc<Self>,
+        attempts: Vec<Attempt>,
+        chunk: ChunkId,
+        refresh: Option<(ObjectId, usize)>,
+    ) -> Option<(Bytes, Source)> {
+        let mut asked: HashSet<PeerId> = attempts.iter().map(|attempt| attempt.peer().peer_id).collect();
+        let mut waiting: std::collections::VecDeque<Attempt> = attempts.into();
+        let mut refreshes_left = if refresh.is_some() { HOLDER_REFRESHES_MAX } else { 0 };
         let mut racing = FuturesUnordered::new();
         loop {
             if racing.is_empty() {
-                let next = waiting.next()?;
-                racing.push(self.timed_request(next, chunk, false));
+                let next = waiting.pop_front()?;
+                racing.push(self.attempt(next, chunk, false));
             }
             let delay = self.lock_hedge().delay();
             let hedge_timer = tokio::time::sleep(delay);
             tokio::select! {
                 Some((result, was_hedge)) = racing.next() => {
-                    if let Some(bytes) = result {
+                    if let Some(answer) = result {
                         if was_hedge {
                             metrics::counter!("cachemesh_hedge_wins_total").increment(1);
                         }
-                        return Some(bytes);
+                        return Some(answer);
                     }
                 }
-                () = hedge_timer, if waiting.len() > 0 => {
-                    if let Some(next) = waiting.next() {
+                () = hedge_timer, if !waiting.is_empty() || refreshes_left > 0 => {
+                    if waiting.is_empty()
+                        && let Some((object, index)) = refresh
+                    {
+                        refreshes_left -= 1;
+                        let Holders { partial, complete } = self.holders(object, index).await;
+                        let fresh: Vec<PeerTarget> = partial
+                            .into_iter()
+                            .chain(complete)
+                            .filter(|holder| !asked.contains(&holder.peer_id))
+                            .take(HOLDER_ATTEMPTS_MAX)
+                            .collect();
+                        for holder in fresh {
+                            asked.insert(holder.peer_id);
+                            waiting.push_back(Attempt::Holder(holder));
+                        }
+                    }
+                    if let Some(next) = waiting.pop_front() {
                         metrics::counter!("cachemesh_hedged_requests_total").increment(1);
-                        racing.push(self.timed_request(next, chunk, true));
+                        racing.push(self.attempt(next, chunk, true));
                     }
                 }
             }
         }
     }
 
-    /// A chunk request to a holder, recording its duration for the hedge policy when it
-    /// succeeds; `is_hedge` is handed back with the result.
-    async fn timed_request(&self, peer: PeerTarget, chunk: ChunkId, is_hedge: bool) -> (Option<Bytes>, bool) {
+    /// One attempt of [`Mesh::race`]; `is_hedge` is handed back with the result.
+    async fn attempt(&self, attempt: Attempt, chunk: ChunkId, is_hedge: bool) -> (Option<(Bytes, Source)>, bool) {
+        let (peer, ask) = match attempt {
+            Attempt::Holder(peer) => (peer, Ask::Holder),
+            Attempt::HolderForHome(peer) => (peer, Ask::HolderForHome),
+            Attempt::Home(peer, of) => {
+                return (
+                    self.fetch_from_home(&peer, chunk, of).await.ok().map(|bytes| (bytes, Source::Home)),
+                    is_hedge,
+                );
+            }
+        };
         let started = Instant::now();
-        let result = self.request(&peer, chunk, None).await;
-        if result.is_some() {
+        let result = self.request(&peer, chunk, ask).await;
+        if result.is_ok() {
             self.lock_hedge().record_success(started.elapsed());
         }
-        (result, is_hedge)
+        (result.ok().map(|bytes| (bytes, Source::Peer)), is_hedge)
     }
 
     /// The chunk from its home node `peer` (which fetches it from the origin if needed).
@@ -657,12 +744,12 @@ impl Mesh {
         peer: &PeerTarget,
         chunk: ChunkId,
         of: Option<(ObjectId, usize)>,
-    ) -> Option<Bytes> {
+    ) -> Result<Bytes, PeerError> {
         if self.avoided(&peer.peer_id, Instant::now()) {
-            return None;
+            return Err(PeerError::Connect("avoided for now (unreachable or corrupt before)".into()));
         }
         let of = of.and_then(|(object, index)| Some((object, u32::try_from(index).ok()?)));
-        self.request(peer, chunk, Some(of)).await
+        self.request(peer, chunk, Ask::Home(of)).await
     }
 
     fn avoid(&self, peer: &PeerId, duration: Duration) {
@@ -679,34 +766,32 @@ impl Mesh {
 
     /// A chunk request to a holder (`home` None) or to a home node (`home` the object the
     /// chunk is fetched for, if known).
-    async fn request(&self, peer: &PeerTarget, chunk: ChunkId, home: Option<Option<(ObjectId, u32)>>) -> Option<Bytes> {
+    async fn request(&self, peer: &PeerTarget, chunk: ChunkId, ask: Ask) -> Result<Bytes, PeerError> {
         let in_flight = InFlight::start(self, peer.peer_id);
-        let result = match home {
-            Some(of) => self.data_plane.home_fetch(peer, chunk, of).await,
-            None => self.data_plane.get_chunk(peer, chunk).await,
+        let result = match ask {
+            Ask::Home(of) => self.data_plane.home_fetch(peer, chunk, of).await,
+            Ask::Holder => self.data_plane.get_chunk(peer, chunk).await,
+            Ask::HolderForHome => self.data_plane.get_chunk_for_home(peer, chunk).await,
         };
-        let home = home.is_some();
+        let home = matches!(ask, Ask::Home(_));
         drop(in_flight);
         let mut load = self.lock_load();
         let state = load.entry(peer.peer_id).or_default();
-        match result {
-            Ok(bytes) => Some(bytes),
-            Err(PeerError::Corrupt { .. }) => {
+        if let Err(error) = &result {
+            if matches!(error, PeerError::Corrupt { .. }) {
                 tracing::warn!(peer = %peer.peer_id, chunk = %chunk, "peer sent a corrupt chunk; avoiding it");
                 metrics::counter!("cachemesh_verify_failures_total", "source" => "peer").increment(1);
                 state.corrupt_chunks += 1;
                 state.penalised_until = Some(Instant::now() + PEER_PENALTY);
-                None
-            }
-            Err(error) => {
+            } else {
                 tracing::debug!(peer = %peer.peer_id, chunk = %chunk, home, %error, "peer request failed");
                 if matches!(error, PeerError::Connect(_) | PeerError::Timeout) {
                     let until = Instant::now() + PEER_UNREACHABLE_BACKOFF;
                     state.penalised_until = Some(state.penalised_until.map_or(until, |current| current.max(until)));
                 }
-                None
             }
         }
+        result
     }
 
     /// Peers as `/v1/peers` shows them.

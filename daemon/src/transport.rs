@@ -36,7 +36,7 @@ use std::future::Future;
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::ops::Range;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -203,6 +203,20 @@ pub const UDP_RECEIVE_BUFFER_BYTES: usize = 2 * CONNECTION_RECEIVE_WINDOW_BYTES 
 
 /// UDP socket send buffer asked of the kernel (capped by `net.core.wmem_max`).
 pub const UDP_SEND_BUFFER_BYTES: usize = 2 * CHUNK_BYTES_MAX as usize;
+
+/// Chunk answers this node transmits at once; further answers wait their turn, first come
+/// first served, and a slot is held until the peer has acknowledged the whole chunk.
+///
+/// Why: when one node holds a chunk many peers want (its home after an origin fetch, the
+/// seed of a fresh object), sharing its link among all of them makes every copy arrive at
+/// the same late moment, and none of the receivers can pass the chunk on meanwhile. Sending
+/// a few at a time at full speed makes the first copies arrive early; their receivers serve
+/// it too, and requesters still waiting here are hedged to them.
+pub const UPLOAD_SLOTS: usize = 3;
+
+/// Readers' chunk requests are answered `Busy` while this many chunk answers wait for a
+/// slot (a home's `GetChunkForHome` always waits its turn).
+pub const UPLOAD_WAITING_BUSY_AFTER: usize = UPLOAD_SLOTS;
 
 /// Bytes of a chunk written between two draws on the upload budget.
 pub const UPLOAD_SLICE_BYTES: usize = 64 * 1024;
@@ -580,6 +594,7 @@ impl DataPlane {
             #[cfg(not(test))]
             upload,
             serving: Arc::new(Semaphore::new(SERVE_REQUESTS_MAX)),
+            upload_line: UploadLine::new(UPLOAD_SLOTS, UPLOAD_WAITING_BUSY_AFTER),
             connections: Arc::new(Semaphore::new(CONNECTIONS_MAX)),
             peer_loads: Arc::new(Mutex::new(HashMap::new())),
             shutdown: shutdown.clone(),
@@ -665,6 +680,15 @@ impl DataPlane {
     pub async fn get_chunk(&self, peer: &PeerTarget, id: ChunkId) -> Result<Bytes, PeerError> {
         let request = Request::GetChunk { id, offset: 0, length: 0 };
         let result = self.request(peer, request, REQUEST_TIMEOUT).await.and_then(|answer| verified(answer, id));
+        count_peer_error(peer, result)
+    }
+
+    /// Chunk `id`, whole and verified, from `peer`, for this node as the chunk's home: the
+    /// peer serves it when an upload slot is free, however long its line, and never answers
+    /// `Busy` for the line's sake.
+    pub async fn get_chunk_for_home(&self, peer: &PeerTarget, id: ChunkId) -> Result<Bytes, PeerError> {
+        let request = Request::GetChunkForHome(id);
+        let result = self.request(peer, request, HOME_FETCH_TIMEOUT).await.and_then(|answer| verified(answer, id));
         count_peer_error(peer, result)
     }
 
@@ -1221,6 +1245,8 @@ struct Server<S> {
     upload: Option<Arc<Mutex<UploadBudget>>>,
     /// Requests in service across all connections ([`SERVE_REQUESTS_MAX`]).
     serving: Arc<Semaphore>,
+    /// Chunk answers being transmitted at once ([`UPLOAD_SLOTS`]) and those waiting.
+    upload_line: UploadLine,
     /// Admitted inbound connections ([`CONNECTIONS_MAX`]).
     connections: Arc<Semaphore>,
     /// Per-peer connection counts and request slots; `std` mutex, never held across an `.await`.
@@ -1296,6 +1322,46 @@ async fn accept_loop<S: ChunkService>(endpoint: Endpoint, server: Arc<Server<S>>
 }
 
 /// Why serving one request stopped short of a complete answer.
+/// The line for upload slots: at most `slots` chunk answers are transmitted at once, the
+/// others wait their turn first come first served (tokio's semaphore is fair), and holder
+/// requests are refused while `busy_after` answers already wait.
+///
+/// Invariant: `waiting` counts exactly the futures of [`UploadLine::turn`] that are pending
+/// (a dropped one, whose requester gave up, is uncounted by its guard).
+#[derive(Debug)]
+struct UploadLine {
+    slots: Arc<Semaphore>,
+    waiting: Arc<AtomicUsize>,
+    busy_after: usize,
+}
+
+/// Uncounts a waiter of an [`UploadLine`] when its wait ends, however it ends.
+struct Waiting(Arc<AtomicUsize>);
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, AtomicOrdering::Relaxed);
+    }
+}
+
+impl UploadLine {
+    fn new(slots: usize, busy_after: usize) -> Self {
+        Self { slots: Arc::new(Semaphore::new(slots)), waiting: Arc::new(AtomicUsize::new(0)), busy_after }
+    }
+
+    /// Whether a holder request should be served (else answered `Busy`).
+    fn takes_holder_requests(&self) -> bool {
+        self.waiting.load(AtomicOrdering::Relaxed) < self.busy_after
+    }
+
+    /// Waits for a slot (None when the line is closed); the slot is freed when dropped.
+    async fn turn(&self) -> Option<OwnedSemaphorePermit> {
+        self.waiting.fetch_add(1, AtomicOrdering::Relaxed);
+        let _waiting = Waiting(self.waiting.clone());
+        self.slots.clone().acquire_owned().await.ok()
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 enum ServeError {
     #[error("writing the answer: {0}")]
@@ -1304,6 +1370,8 @@ enum ServeError {
     TimedOut,
     #[error("shutting down")]
     ShuttingDown,
+    #[error("the peer stopped waiting for the answer")]
+    Abandoned,
 }
 
 fn refusal(status: Status, message: &str) -> ResponseHead {
@@ -1330,6 +1398,7 @@ fn request_kind(request: &Request) -> &'static str {
     match request {
         Request::HaveSet(_) => "have_set",
         Request::GetChunk { .. } => "get_chunk",
+        Request::GetChunkForHome(_) => "get_chunk_for_home",
         Request::HomeFetch(_) | Request::HomeFetchOf { .. } => "home_fetch",
     }
 }
@@ -1483,7 +1552,13 @@ impl<S: ChunkService> Server<S> {
             () = self.shutdown.cancelled() => Err(ServeError::ShuttingDown),
             answered = timeout(limit, self.answer(peer_id, request, &mut send)) => answered.unwrap_or(Err(ServeError::TimedOut)),
         };
-        match outcome.and_then(|status| send.finish().map(|()| status).map_err(|_| WriteError::ClosedStream.into())) {
+        // A chunk answer has finished its stream already (see `send_chunk`).
+        let finish = |status: Status| match send.finish() {
+            Ok(()) => Ok(status),
+            Err(_) if status == Status::Ok => Ok(status),
+            Err(_) => Err(WriteError::ClosedStream.into()),
+        };
+        match outcome.and_then(finish) {
             Ok(status) => count_served(kind, status_label(status)),
             Err(error) => {
                 tracing::debug!(kind, %error, "data plane request abandoned");
@@ -1512,9 +1587,19 @@ impl<S: ChunkService> Server<S> {
                 let _ = send.set_priority(HAVE_SET_PRIORITY);
                 write_head(send, &head).await
             }
-            Request::GetChunk { id, offset, length } => {
+            Request::GetChunk { .. } | Request::GetChunkForHome(_) => {
+                let (id, offset, length, for_home) = match request {
+                    Request::GetChunk { id, offset, length } => (id, offset, length, false),
+                    Request::GetChunkForHome(id) => (id, 0, 0, true),
+                    _ => unreachable!("matched above"),
+                };
                 if let Some(busy) = self.upload_backlog_refusal() {
                     return write_head(send, &busy).await;
+                }
+                // A reader may go elsewhere (other holders, the home node); a home fetching
+                // for the DC may not, so only readers are turned away from a long line.
+                if !for_home && !self.upload_line.takes_holder_requests() {
+                    return write_head(send, &refusal(Status::Busy, "every upload slot has a line")).await;
                 }
                 let Some(chunk) = self.service.local_chunk(id).await else {
                     return write_head(send, &refusal(Status::NotFound, "chunk not held")).await;
@@ -1570,6 +1655,12 @@ impl<S: ChunkService> Server<S> {
                 return write_head(send, &refusal(Status::Internal, "chunk too large")).await;
             }
         };
+        // A requester that got the chunk elsewhere while waiting resets its stream: give up
+        // its turn rather than take a slot to find that out.
+        let _slot = tokio::select! {
+            slot = self.upload_line.turn() => slot.ok_or(ServeError::ShuttingDown)?,
+            _ = send.stopped() => return Err(ServeError::Abandoned),
+        };
         write_head(send, &ResponseHead::Chunk { length }).await?;
         let mut at = 0;
         while at < body.len() {
@@ -1586,6 +1677,9 @@ impl<S: ChunkService> Server<S> {
             metrics::counter!("cachemesh_peer_upload_bytes_total").increment((end - at) as u64);
             at = end;
         }
+        // The slot is held until the peer has every byte, not only until quinn has buffered it.
+        send.finish().map_err(|_| ServeError::from(WriteError::ClosedStream))?;
+        let _ = send.stopped().await;
         Ok(Status::Ok)
     }
 
@@ -1804,6 +1898,8 @@ mod tests {
         assert_eq!(*server.service.have_set_askers.lock().unwrap(), vec![client.plane.peer_id(); 2]);
         assert_eq!(client.plane.get_chunk(&peer, id).await, Ok(chunk.clone()));
         assert_eq!(client.plane.get_chunk(&peer, ChunkId::of(b"absent")).await, Err(PeerError::NotFound));
+        assert_eq!(client.plane.get_chunk_for_home(&peer, id).await, Ok(chunk.clone()));
+        assert_eq!(client.plane.get_chunk_for_home(&peer, ChunkId::of(b"absent")).await, Err(PeerError::NotFound));
         assert_eq!(client.plane.home_fetch(&peer, homed_id, None).await, Ok(homed.clone()));
         assert_eq!(client.plane.home_fetch(&peer, homed_id, Some((object, 7))).await, Ok(homed));
         // The service learns which object the chunk was fetched for, when it is named.
@@ -2024,6 +2120,47 @@ mod tests {
         let server = start_with(config, service).await;
         let client = start(CLUSTER, FakeService::default()).await;
         assert_eq!(client.plane.get_chunk(&server.target(), id).await, Err(PeerError::Corrupt { chunk: id }));
+    }
+
+    #[tokio::test]
+    async fn the_upload_line_serves_in_order_and_turns_holders_away_from_a_long_line() {
+        // Goal: with every slot taken, waiters are served first come first served; once
+        // `busy_after` wait, holder requests are turned away (home requests still queue);
+        // a waiter that gives up leaves the line, and holders are taken again.
+        let line = Arc::new(UploadLine::new(1, 2));
+        let first = line.turn().await.unwrap();
+        assert!(line.takes_holder_requests());
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let mut waiters = Vec::new();
+        for name in ["a", "b"] {
+            let (waiter_line, order) = (line.clone(), order.clone());
+            waiters.push(tokio::spawn(async move {
+                let slot = waiter_line.turn().await.unwrap();
+                order.lock().unwrap().push(name);
+                drop(slot);
+            }));
+            // Let it join the line before the next one.
+            while line.waiting.load(AtomicOrdering::Relaxed) < waiters.len() {
+                tokio::task::yield_now().await;
+            }
+        }
+        assert!(!line.takes_holder_requests(), "two wait: a holder request is refused");
+        let gave_up = {
+            let line = line.clone();
+            tokio::spawn(async move { line.turn().await.map(drop) })
+        };
+        while line.waiting.load(AtomicOrdering::Relaxed) < 3 {
+            tokio::task::yield_now().await;
+        }
+        gave_up.abort();
+        let _ = gave_up.await;
+        assert_eq!(line.waiting.load(AtomicOrdering::Relaxed), 2, "a waiter that gave up left the line");
+        drop(first);
+        for waiter in waiters {
+            waiter.await.unwrap();
+        }
+        assert_eq!(*order.lock().unwrap(), ["a", "b"], "first come first served");
+        assert!(line.takes_holder_requests());
     }
 
     #[tokio::test]

@@ -158,6 +158,11 @@ pub enum Request {
         /// Bytes wanted; 0 for the rest of the chunk.
         length: u32,
     },
+    /// Send this whole chunk, waiting for an upload slot if every one is taken: asked by a
+    /// chunk's home node fetching it for the DC, which has nowhere else to turn but the
+    /// origin. (A plain [`Request::GetChunk`] may be answered `Busy` when the line for upload
+    /// slots is long, and its sender asks elsewhere.)
+    GetChunkForHome(ChunkId),
     /// As the chunk's home node, get it (from your store or the origin) and send it whole.
     HomeFetch(ChunkId),
     /// As the chunk's home node, get it (from your store, the holders of `object`, or the
@@ -176,6 +181,7 @@ const TAG_HAVE_SET: u8 = 1;
 const TAG_GET_CHUNK: u8 = 2;
 const TAG_HOME_FETCH: u8 = 3;
 const TAG_HOME_FETCH_OF: u8 = 4;
+const TAG_GET_CHUNK_FOR_HOME: u8 = 5;
 
 fn id_at(bytes: &[u8], at: usize) -> [u8; ID_BYTES] {
     let mut id = [0u8; ID_BYTES];
@@ -205,6 +211,10 @@ impl Request {
                 out.extend_from_slice(&offset.to_le_bytes());
                 out.extend_from_slice(&length.to_le_bytes());
             }
+            Self::GetChunkForHome(id) => {
+                out.push(TAG_GET_CHUNK_FOR_HOME);
+                out.extend_from_slice(id.as_bytes());
+            }
             Self::HomeFetch(id) => {
                 out.push(TAG_HOME_FETCH);
                 out.extend_from_slice(id.as_bytes());
@@ -223,7 +233,7 @@ impl Request {
     pub fn decode(bytes: &[u8]) -> Result<Option<(Self, usize)>, FrameError> {
         let Some(&tag) = bytes.first() else { return Ok(None) };
         let needed = match tag {
-            TAG_HAVE_SET | TAG_HOME_FETCH => 1 + ID_BYTES,
+            TAG_HAVE_SET | TAG_HOME_FETCH | TAG_GET_CHUNK_FOR_HOME => 1 + ID_BYTES,
             TAG_GET_CHUNK => 1 + ID_BYTES + 8,
             TAG_HOME_FETCH_OF => 1 + 2 * ID_BYTES + 4,
             other => return Err(FrameError::UnknownTag(other)),
@@ -235,6 +245,7 @@ impl Request {
         let request = match tag {
             TAG_HAVE_SET => Self::HaveSet(ObjectId::from_bytes(id)),
             TAG_HOME_FETCH => Self::HomeFetch(ChunkId::from_bytes(id)),
+            TAG_GET_CHUNK_FOR_HOME => Self::GetChunkForHome(ChunkId::from_bytes(id)),
             TAG_HOME_FETCH_OF => Self::HomeFetchOf {
                 id: ChunkId::from_bytes(id),
                 object: ObjectId::from_bytes(id_at(bytes, 1 + ID_BYTES)),
@@ -425,6 +436,7 @@ mod tests {
         prop_oneof![
             any::<[u8; 32]>().prop_map(|b| Request::HaveSet(ObjectId::from_bytes(b))),
             any::<[u8; 32]>().prop_map(|b| Request::HomeFetch(ChunkId::from_bytes(b))),
+            any::<[u8; 32]>().prop_map(|b| Request::GetChunkForHome(ChunkId::from_bytes(b))),
             (any::<[u8; 32]>(), any::<[u8; 32]>(), any::<u32>()).prop_map(|(c, o, index)| Request::HomeFetchOf {
                 id: ChunkId::from_bytes(c),
                 object: ObjectId::from_bytes(o),
