@@ -718,38 +718,24 @@ impl Mesh {
 
     /// One attempt of [`Mesh::race`]; `is_hedge` is handed back with the result.
     async fn attempt(&self, attempt: Attempt, chunk: ChunkId, is_hedge: bool) -> (Option<(Bytes, Source)>, bool) {
-        let (peer, ask) = match attempt {
-            Attempt::Holder(peer) => (peer, Ask::Holder),
-            Attempt::HolderForHome(peer) => (peer, Ask::HolderForHome),
+        let (peer, ask, source) = match attempt {
+            Attempt::Holder(peer) => (peer, Ask::Holder, Source::Peer),
+            Attempt::HolderForHome(peer) => (peer, Ask::HolderForHome, Source::Peer),
             Attempt::Home(peer, of) => {
-                return (
-                    self.fetch_from_home(&peer, chunk, of).await.ok().map(|bytes| (bytes, Source::Home)),
-                    is_hedge,
-                );
+                if self.avoided(&peer.peer_id, Instant::now()) {
+                    return (None, is_hedge);
+                }
+                let of = of.and_then(|(object, index)| Some((object, u32::try_from(index).ok()?)));
+                (peer, Ask::Home(of), Source::Home)
             }
         };
         let started = Instant::now();
-        let result = self.request(&peer, chunk, ask).await;
-        if result.is_ok() {
+        let bytes = self.request(&peer, chunk, ask).await;
+        // Only holder requests feed the hedge delay: a home's answer may include its origin fetch.
+        if bytes.is_some() && source == Source::Peer {
             self.lock_hedge().record_success(started.elapsed());
         }
-        (result.ok().map(|bytes| (bytes, Source::Peer)), is_hedge)
-    }
-
-    /// The chunk from its home node `peer` (which fetches it from the origin if needed).
-    /// Chunk `chunk` from `peer` as its home node; `of` names an object it belongs to and
-    /// its index there, so the home may fetch it from that object's holders.
-    pub async fn fetch_from_home(
-        &self,
-        peer: &PeerTarget,
-        chunk: ChunkId,
-        of: Option<(ObjectId, usize)>,
-    ) -> Result<Bytes, PeerError> {
-        if self.avoided(&peer.peer_id, Instant::now()) {
-            return Err(PeerError::Connect("avoided for now (unreachable or corrupt before)".into()));
-        }
-        let of = of.and_then(|(object, index)| Some((object, u32::try_from(index).ok()?)));
-        self.request(peer, chunk, Ask::Home(of)).await
+        (bytes.map(|bytes| (bytes, source)), is_hedge)
     }
 
     fn avoid(&self, peer: &PeerId, duration: Duration) {
@@ -766,7 +752,7 @@ impl Mesh {
 
     /// A chunk request to a holder (`home` None) or to a home node (`home` the object the
     /// chunk is fetched for, if known).
-    async fn request(&self, peer: &PeerTarget, chunk: ChunkId, ask: Ask) -> Result<Bytes, PeerError> {
+    async fn request(&self, peer: &PeerTarget, chunk: ChunkId, ask: Ask) -> Option<Bytes> {
         let in_flight = InFlight::start(self, peer.peer_id);
         let result = match ask {
             Ask::Home(of) => self.data_plane.home_fetch(peer, chunk, of).await,
@@ -777,21 +763,24 @@ impl Mesh {
         drop(in_flight);
         let mut load = self.lock_load();
         let state = load.entry(peer.peer_id).or_default();
-        if let Err(error) = &result {
-            if matches!(error, PeerError::Corrupt { .. }) {
+        match result {
+            Ok(bytes) => Some(bytes),
+            Err(PeerError::Corrupt { .. }) => {
                 tracing::warn!(peer = %peer.peer_id, chunk = %chunk, "peer sent a corrupt chunk; avoiding it");
                 metrics::counter!("cachemesh_verify_failures_total", "source" => "peer").increment(1);
                 state.corrupt_chunks += 1;
                 state.penalised_until = Some(Instant::now() + PEER_PENALTY);
-            } else {
+                None
+            }
+            Err(error) => {
                 tracing::debug!(peer = %peer.peer_id, chunk = %chunk, home, %error, "peer request failed");
                 if matches!(error, PeerError::Connect(_) | PeerError::Timeout) {
                     let until = Instant::now() + PEER_UNREACHABLE_BACKOFF;
                     state.penalised_until = Some(state.penalised_until.map_or(until, |current| current.max(until)));
                 }
+                None
             }
         }
-        result
     }
 
     /// Peers as `/v1/peers` shows them.

@@ -1543,23 +1543,27 @@ impl<S: ChunkService> Server<S> {
             send_refusal(send, refusal(Status::Busy, "serving too many requests")).await;
             return;
         };
-        let limit = if matches!(request, Request::HomeFetch(_) | Request::HomeFetchOf { .. }) {
-            HOME_FETCH_TIMEOUT
-        } else {
-            REQUEST_TIMEOUT
-        };
+        // A home's GetChunkForHome waits in the line for upload slots, as long as a home fetch.
+        let limit =
+            if matches!(request, Request::HomeFetch(_) | Request::HomeFetchOf { .. } | Request::GetChunkForHome(_)) {
+                HOME_FETCH_TIMEOUT
+            } else {
+                REQUEST_TIMEOUT
+            };
+        let mut slot = None;
         let outcome = tokio::select! {
             () = self.shutdown.cancelled() => Err(ServeError::ShuttingDown),
-            answered = timeout(limit, self.answer(peer_id, request, &mut send)) => answered.unwrap_or(Err(ServeError::TimedOut)),
+            answered = timeout(limit, self.answer(peer_id, request, &mut send, &mut slot)) => answered.unwrap_or(Err(ServeError::TimedOut)),
         };
-        // A chunk answer has finished its stream already (see `send_chunk`).
-        let finish = |status: Status| match send.finish() {
-            Ok(()) => Ok(status),
-            Err(_) if status == Status::Ok => Ok(status),
-            Err(_) => Err(WriteError::ClosedStream.into()),
-        };
-        match outcome.and_then(finish) {
-            Ok(status) => count_served(kind, status_label(status)),
+        match outcome.and_then(|status| send.finish().map(|()| status).map_err(|_| WriteError::ClosedStream.into())) {
+            Ok(status) => {
+                // An upload slot is held until the peer has every byte of the chunk, not
+                // only until quinn has buffered it.
+                if slot.is_some() {
+                    let _ = timeout(REQUEST_TIMEOUT, send.stopped()).await;
+                }
+                count_served(kind, status_label(status));
+            }
             Err(error) => {
                 tracing::debug!(kind, %error, "data plane request abandoned");
                 count_served(kind, "abandoned");
@@ -1568,8 +1572,15 @@ impl<S: ChunkService> Server<S> {
         }
     }
 
-    /// Answers one request; returns the status sent.
-    async fn answer(&self, peer_id: PeerId, request: Request, send: &mut SendStream) -> Result<Status, ServeError> {
+    /// Answers one request; returns the status sent. A chunk answer leaves its upload slot
+    /// in `slot`, to be held until the peer has acknowledged the chunk.
+    async fn answer(
+        &self,
+        peer_id: PeerId,
+        request: Request,
+        send: &mut SendStream,
+        slot: &mut Option<OwnedSemaphorePermit>,
+    ) -> Result<Status, ServeError> {
         match request {
             Request::HaveSet(object) => {
                 let head = match self.service.have_set(peer_id, object).await {
@@ -1609,7 +1620,7 @@ impl<S: ChunkService> Server<S> {
                     return write_head(send, &refusal(Status::BadRequest, &message)).await;
                 };
                 let body = self.fault(chunk.slice(range)).await;
-                self.send_chunk(send, body).await
+                self.send_chunk(send, body, slot).await
             }
             Request::HomeFetch(_) | Request::HomeFetchOf { .. } => {
                 let (id, of) = match request {
@@ -1623,7 +1634,7 @@ impl<S: ChunkService> Server<S> {
                 match self.service.home_fetch(id, of).await {
                     Ok(chunk) => {
                         let body = self.fault(chunk).await;
-                        self.send_chunk(send, body).await
+                        self.send_chunk(send, body, slot).await
                     }
                     Err(HomeFetchError::NotFound) => {
                         write_head(send, &refusal(Status::NotFound, "chunk not at the origin")).await
@@ -1646,8 +1657,14 @@ impl<S: ChunkService> Server<S> {
         (backlog > UPLOAD_BACKLOG_BUSY_AFTER).then(|| refusal(Status::Busy, "upload budget exhausted"))
     }
 
-    /// Writes a chunk head and its bytes, drawing on the upload budget slice by slice.
-    async fn send_chunk(&self, send: &mut SendStream, body: Bytes) -> Result<Status, ServeError> {
+    /// Waits for an upload slot (left in `slot`), then writes a chunk head and its bytes,
+    /// drawing on the upload budget slice by slice.
+    async fn send_chunk(
+        &self,
+        send: &mut SendStream,
+        body: Bytes,
+        slot: &mut Option<OwnedSemaphorePermit>,
+    ) -> Result<Status, ServeError> {
         let length = match u32::try_from(body.len()) {
             Ok(length) if length <= CHUNK_BYTES_MAX => length,
             _ => {
@@ -1657,10 +1674,10 @@ impl<S: ChunkService> Server<S> {
         };
         // A requester that got the chunk elsewhere while waiting resets its stream: give up
         // its turn rather than take a slot to find that out.
-        let _slot = tokio::select! {
-            slot = self.upload_line.turn() => slot.ok_or(ServeError::ShuttingDown)?,
+        *slot = Some(tokio::select! {
+            turn = self.upload_line.turn() => turn.ok_or(ServeError::ShuttingDown)?,
             _ = send.stopped() => return Err(ServeError::Abandoned),
-        };
+        });
         write_head(send, &ResponseHead::Chunk { length }).await?;
         let mut at = 0;
         while at < body.len() {
@@ -1677,9 +1694,6 @@ impl<S: ChunkService> Server<S> {
             metrics::counter!("cachemesh_peer_upload_bytes_total").increment((end - at) as u64);
             at = end;
         }
-        // The slot is held until the peer has every byte, not only until quinn has buffered it.
-        send.finish().map_err(|_| ServeError::from(WriteError::ClosedStream))?;
-        let _ = send.stopped().await;
         Ok(Status::Ok)
     }
 
