@@ -828,16 +828,8 @@ async fn peer_killed(
         .filter(|transfer| transfer.seconds.is_none_or(|seconds| seconds > kill_seconds))
         .map(|transfer| transfer.node)
         .collect();
-    report.checks.push(Check::new(
-        "killed_while_in_flight",
-        killed_at.is_some() && !in_flight.is_empty(),
-        if in_flight.is_empty() {
-            "no surviving reader was still reading when the victim died (object too small to catch in flight?)"
-                .to_string()
-        } else {
-            format!("node {victim} died at {kill_seconds:.3} s while nodes {in_flight:?} were still reading")
-        },
-    ));
+    let died = format!("node {victim} died");
+    report.checks.push(killed_while_in_flight_check(killed_at.is_some(), &in_flight, &died, kill_seconds));
     report.checks.push(identical_bytes_check("survivors_identical_bytes", report, &survivors));
     report.notes.push(format!(
         "origin egress {:.3} x the object size (not a check here: chunks the victim was fetching may leave the origin again)",
@@ -1040,6 +1032,20 @@ fn transfers_check(name: &str, what: &str, transfers: &[Transfer], expected: &Di
     Check::new(name, !transfers.is_empty() && bad.is_empty(), detail)
 }
 
+/// The check that a kill (`died`, e.g. "node 3 died") caught reads in flight: the kill
+/// happened before every read ended (`reached`) and `in_flight` readers were still reading.
+fn killed_while_in_flight_check(reached: bool, in_flight: &[usize], died: &str, kill_seconds: f64) -> Check {
+    Check::new(
+        "killed_while_in_flight",
+        reached && !in_flight.is_empty(),
+        if in_flight.is_empty() {
+            format!("no surviving reader was still reading when {died} (object too small to catch in flight?)")
+        } else {
+            format!("{died} at {kill_seconds:.3} s while nodes {in_flight:?} were still reading")
+        },
+    )
+}
+
 /// The churn victims: `count` nodes other than the put node, chosen by the seed.
 fn churn_victims(params: &Params, count: usize) -> Vec<usize> {
     let others = params.nodes - 1;
@@ -1170,16 +1176,8 @@ async fn churn(
              (not a check)"
         ));
     }
-    report.checks.push(Check::new(
-        "killed_while_in_flight",
-        killed_at.is_some() && !in_flight.is_empty(),
-        if in_flight.is_empty() {
-            "no surviving reader was still reading when the victims died (object too small to catch in flight?)"
-                .to_string()
-        } else {
-            format!("nodes {victims:?} died at {kill_seconds:.3} s while nodes {in_flight:?} were still reading")
-        },
-    ));
+    let died = format!("nodes {victims:?} died");
+    report.checks.push(killed_while_in_flight_check(killed_at.is_some(), &in_flight, &died, kill_seconds));
     report.checks.push(identical_bytes_check("survivors_and_restarted_identical_bytes", report, &finishing));
     let ratio = report.origin.chunk_get_bytes as f64 / params.object_size.max(1) as f64;
     report.checks.push(Check::new(

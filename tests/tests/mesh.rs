@@ -61,6 +61,30 @@ async fn wait_members(nodes: &[&Daemon], expected: u64) {
     }
 }
 
+/// Three nodes of dc-a sharing one `file://` origin and cluster key, the last two
+/// bootstrapped from the first, all seeing each other.
+struct ThreeNodes {
+    /// Holds the origin and the key file; removed when dropped.
+    shared: tempfile::TempDir,
+    origin: String,
+    key: String,
+    /// The first node's p2p address.
+    bootstrap: String,
+    nodes: [Daemon; 3],
+}
+
+async fn three_node_mesh() -> ThreeNodes {
+    let shared = tempfile::tempdir().unwrap();
+    let origin = format!("file://{}", shared.path().join("origin").display());
+    let key = cluster_key(shared.path(), "cluster.key");
+    let first = Daemon::start_with(mesh_options(&origin, &key, "dc-a", None)).await;
+    let bootstrap = p2p_address(&first).await;
+    let second = Daemon::start_with(mesh_options(&origin, &key, "dc-a", Some(&bootstrap))).await;
+    let third = Daemon::start_with(mesh_options(&origin, &key, "dc-a", Some(&bootstrap))).await;
+    wait_members(&[&first, &second, &third], 2).await;
+    ThreeNodes { shared, origin, key, bootstrap, nodes: [first, second, third] }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn objects_spread_peer_to_peer_and_outsiders_get_nothing() {
     // Goal: three nodes of one DC form a mesh; an object put on the first is read by the
@@ -70,14 +94,7 @@ async fn objects_spread_peer_to_peer_and_outsiders_get_nothing() {
     // (which shares the origin) can read the
     // object only from the origin, never from a peer or home node.
     let seed = test_seed();
-    let shared = tempfile::tempdir().unwrap();
-    let origin = format!("file://{}", shared.path().join("origin").display());
-    let key = cluster_key(shared.path(), "cluster.key");
-    let first = Daemon::start_with(mesh_options(&origin, &key, "dc-a", None)).await;
-    let bootstrap = p2p_address(&first).await;
-    let second = Daemon::start_with(mesh_options(&origin, &key, "dc-a", Some(&bootstrap))).await;
-    let third = Daemon::start_with(mesh_options(&origin, &key, "dc-a", Some(&bootstrap))).await;
-    wait_members(&[&first, &second, &third], 2).await;
+    let ThreeNodes { shared, origin, key, bootstrap, nodes: [first, second, third] } = three_node_mesh().await;
 
     let (id, digest) = put_checked(&first.client(), Pattern::new(seed), 5 * CHUNK + 4321).await;
     for reader in [&second, &third] {
@@ -154,14 +171,7 @@ async fn volume_writes_are_announced_and_followers_catch_up_without_a_read() {
     // lists the file; a node that never used the volume ignores the announcements and
     // folds nothing.
     let seed = test_seed();
-    let shared = tempfile::tempdir().unwrap();
-    let origin = format!("file://{}", shared.path().join("origin").display());
-    let key = cluster_key(shared.path(), "cluster.key");
-    let writer = Daemon::start_with(mesh_options(&origin, &key, "dc-a", None)).await;
-    let bootstrap = p2p_address(&writer).await;
-    let follower = Daemon::start_with(mesh_options(&origin, &key, "dc-a", Some(&bootstrap))).await;
-    let bystander = Daemon::start_with(mesh_options(&origin, &key, "dc-a", Some(&bootstrap))).await;
-    wait_members(&[&writer, &follower, &bystander], 2).await;
+    let ThreeNodes { shared: _shared, nodes: [writer, follower, bystander], .. } = three_node_mesh().await;
 
     let missing = follower.client().stat_file("team", "models/w").await;
     assert!(missing.is_err(), "an empty volume has no files: {missing:?}");
@@ -220,14 +230,7 @@ async fn readers_of_a_fresh_object_take_each_chunk_from_its_only_holder_about_on
     // chunk leaves the origin.
     const CHUNKS: u64 = 24;
     let seed = test_seed();
-    let shared = tempfile::tempdir().unwrap();
-    let origin = format!("file://{}", shared.path().join("origin").display());
-    let key = cluster_key(shared.path(), "cluster.key");
-    let seeder = Daemon::start_with(mesh_options(&origin, &key, "dc-a", None)).await;
-    let bootstrap = p2p_address(&seeder).await;
-    let first = Daemon::start_with(mesh_options(&origin, &key, "dc-a", Some(&bootstrap))).await;
-    let second = Daemon::start_with(mesh_options(&origin, &key, "dc-a", Some(&bootstrap))).await;
-    wait_members(&[&seeder, &first, &second], 2).await;
+    let ThreeNodes { shared: _shared, nodes: [seeder, first, second], .. } = three_node_mesh().await;
 
     let (id, digest) = put_checked(&seeder.client(), Pattern::new(seed), CHUNKS * CHUNK).await;
     let (a, b) = (first.client(), second.client());
@@ -246,14 +249,7 @@ async fn a_killed_member_is_dropped_when_its_connection_breaks_and_rejoins_after
     // Goal: a member whose process is SIGKILLed sends no leave; the others still drop it
     // because its connection broke (counted as lost, which neither a leave nor expiry
     // counts), and it is a member again once restarted with the same identity.
-    let shared = tempfile::tempdir().unwrap();
-    let origin = format!("file://{}", shared.path().join("origin").display());
-    let key = cluster_key(shared.path(), "cluster.key");
-    let first = Daemon::start_with(mesh_options(&origin, &key, "dc-a", None)).await;
-    let bootstrap = p2p_address(&first).await;
-    let second = Daemon::start_with(mesh_options(&origin, &key, "dc-a", Some(&bootstrap))).await;
-    let mut victim = Daemon::start_with(mesh_options(&origin, &key, "dc-a", Some(&bootstrap))).await;
-    wait_members(&[&first, &second, &victim], 2).await;
+    let ThreeNodes { shared: _shared, nodes: [first, second, mut victim], .. } = three_node_mesh().await;
 
     victim.kill9();
     for node in [&first, &second] {
