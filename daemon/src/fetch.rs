@@ -29,6 +29,7 @@ use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
 use tokio::sync::{Semaphore, oneshot};
 
+use crate::chunk::VerifiedChunk;
 use crate::mesh::{Attempt, HOLDER_ATTEMPTS_MAX, Holders, Mesh};
 use crate::origin::{Origin, OriginError};
 use crate::store::{Store, StoreError};
@@ -296,9 +297,9 @@ impl Fetcher {
 
     async fn fetch_for_home(&self, id: ChunkId, of: Option<(ObjectId, usize)>) -> Result<Fetched, FetchError> {
         if let (Some(mesh), Some((object, index))) = (self.mesh.get().cloned(), of)
-            && let Some(bytes) = mesh.fetch_from_holders(object, index, id).await
+            && let Some(chunk) = mesh.fetch_from_holders(object, index, id).await
         {
-            return Ok(self.keep(id, bytes, Source::Peer, Some(object)));
+            return Ok(self.keep(chunk, Source::Peer, Some(object)));
         }
         self.fetch_from_origin(id, of.map(|(object, _)| object)).await
     }
@@ -341,8 +342,8 @@ impl Fetcher {
             if !partial.is_empty() {
                 let order =
                     partial.into_iter().chain(complete).take(HOLDER_ATTEMPTS_MAX).map(Attempt::Holder).collect();
-                if let Some((bytes, source)) = mesh.race(order, id, None).await {
-                    return Ok(self.keep(id, bytes, source, Some(object)));
+                if let Some((chunk, source)) = mesh.race(order, id, None).await {
+                    return Ok(self.keep(chunk, source, Some(object)));
                 }
             } else if !complete.is_empty() {
                 // Only hosts holding the whole object have it. When many hosts read the
@@ -356,15 +357,15 @@ impl Fetcher {
                 match home {
                     Some(None) => return self.fetch_as_home(id, of, mesh).await,
                     Some(Some(home)) => {
-                        if let Some((bytes, source)) = mesh.race(vec![Attempt::Home(home, of)], id, of).await {
-                            return Ok(self.keep(id, bytes, source, Some(object)));
+                        if let Some((chunk, source)) = mesh.race(vec![Attempt::Home(home, of)], id, of).await {
+                            return Ok(self.keep(chunk, source, Some(object)));
                         }
                     }
                     None => {}
                 }
                 let order = complete.into_iter().take(HOLDER_ATTEMPTS_MAX).collect();
-                if let Some(bytes) = mesh.race_holders(order, id).await {
-                    return Ok(self.keep(id, bytes, Source::Peer, Some(object)));
+                if let Some(chunk) = mesh.race_holders(order, id).await {
+                    return Ok(self.keep(chunk, Source::Peer, Some(object)));
                 }
             }
         }
@@ -373,8 +374,8 @@ impl Fetcher {
                 // This node is the home: coalesce with peers' home requests.
                 None => return self.fetch_as_home(id, of, mesh).await,
                 Some(peer) => {
-                    if let Some((bytes, source)) = mesh.race(vec![Attempt::Home(peer, of)], id, of).await {
-                        return Ok(self.keep(id, bytes, source, of.map(|(object, _)| object)));
+                    if let Some((chunk, source)) = mesh.race(vec![Attempt::Home(peer, of)], id, of).await {
+                        return Ok(self.keep(chunk, source, of.map(|(object, _)| object)));
                     }
                 }
             }
@@ -385,10 +386,11 @@ impl Fetcher {
 
     /// The fetched bytes, with storing them (then announcing `object` in a mesh) left to
     /// run after readers have them.
-    fn keep(&self, id: ChunkId, bytes: Bytes, source: Source, object: Option<ObjectId>) -> Fetched {
-        let (store, mesh, stored) = (self.store.clone(), self.mesh.get().cloned(), bytes.clone());
+    fn keep(&self, chunk: VerifiedChunk, source: Source, object: Option<ObjectId>) -> Fetched {
+        let (store, mesh, bytes, id) =
+            (self.store.clone(), self.mesh.get().cloned(), chunk.bytes().clone(), chunk.id());
         let after = async move {
-            match store.write_chunk(id, stored).await {
+            match store.write_chunk(chunk).await {
                 Ok(()) => {
                     if let (Some(mesh), Some(object)) = (mesh, object) {
                         mesh.provide(object).await;
@@ -404,12 +406,12 @@ impl Fetcher {
     }
 
     async fn fetch_from_origin(&self, id: ChunkId, object: Option<ObjectId>) -> Result<Fetched, FetchError> {
-        let bytes = match self.origin.get_chunk(&id).await {
-            Ok(bytes) => bytes,
+        let chunk = match self.origin.get_chunk(&id).await {
+            Ok(chunk) => chunk,
             Err(OriginError::NotFound { .. }) => return Err(FetchError::NotFound(id)),
             Err(error) => return Err(FetchError::Origin(Arc::new(error))),
         };
-        Ok(self.keep(id, bytes, Source::Origin, object))
+        Ok(self.keep(chunk, Source::Origin, object))
     }
 }
 

@@ -5,6 +5,7 @@
 //! (`store::residency`).
 
 pub mod api;
+pub mod chunk;
 pub mod client;
 pub mod config;
 pub mod discovery;

@@ -38,6 +38,7 @@ use libp2p::{Multiaddr, PeerId};
 use lru::LruCache;
 use tokio_util::sync::CancellationToken;
 
+use crate::chunk::VerifiedChunk;
 pub use crate::discovery::parse_listen_addr;
 use crate::discovery::{BootstrapAddr, Discovery, DiscoveryConfig};
 use crate::fetch::{FetchError, Fetcher, Source};
@@ -574,11 +575,16 @@ impl Mesh {
     /// This is the home path: the requests wait their turn in each holder's line for upload
     /// slots (`GetChunkForHome`) rather than being turned away, since the alternative is the
     /// origin for a chunk the DC holds.
-    pub async fn fetch_from_holders(self: &Arc<Self>, object: ObjectId, index: usize, chunk: ChunkId) -> Option<Bytes> {
+    pub async fn fetch_from_holders(
+        self: &Arc<Self>,
+        object: ObjectId,
+        index: usize,
+        chunk: ChunkId,
+    ) -> Option<VerifiedChunk> {
         let Holders { mut partial, complete } = self.holders(object, index).await;
         partial.extend(complete);
         let attempts = partial.into_iter().take(HOLDER_ATTEMPTS_MAX).map(Attempt::HolderForHome).collect();
-        self.race(attempts, chunk, None).await.map(|(bytes, _)| bytes)
+        self.race(attempts, chunk, None).await.map(|(chunk, _)| chunk)
     }
 
     /// Live, unpenalised members that hold chunk `index` of `object`, least loaded first,
@@ -649,9 +655,9 @@ impl Mesh {
     /// Asks `holders` in order for `chunk`: the next one when the previous fails, or when it
     /// is slower than the hedge delay (then both race and the first verified answer wins;
     /// the loser's stream is reset when its future drops).
-    pub async fn race_holders(self: &Arc<Self>, holders: Vec<PeerTarget>, chunk: ChunkId) -> Option<Bytes> {
+    pub async fn race_holders(self: &Arc<Self>, holders: Vec<PeerTarget>, chunk: ChunkId) -> Option<VerifiedChunk> {
         let attempts = holders.into_iter().map(Attempt::Holder).collect();
-        self.race(attempts, chunk, None).await.map(|(bytes, _)| bytes)
+        self.race(attempts, chunk, None).await.map(|(chunk, _)| chunk)
     }
 
     /// Makes `attempts` in order for `chunk`, as [`Mesh::race_holders`] does; with `refresh`
@@ -669,7 +675,7 @@ impl Mesh {
         attempts: Vec<Attempt>,
         chunk: ChunkId,
         refresh: Option<(ObjectId, usize)>,
-    ) -> Option<(Bytes, Source)> {
+    ) -> Option<(VerifiedChunk, Source)> {
         let mut asked: HashSet<PeerId> = attempts.iter().map(|attempt| attempt.peer().peer_id).collect();
         let mut waiting: std::collections::VecDeque<Attempt> = attempts.into();
         let mut refreshes_left = if refresh.is_some() { HOLDER_REFRESHES_MAX } else { 0 };
@@ -717,7 +723,12 @@ impl Mesh {
     }
 
     /// One attempt of [`Mesh::race`]; `is_hedge` is handed back with the result.
-    async fn attempt(&self, attempt: Attempt, chunk: ChunkId, is_hedge: bool) -> (Option<(Bytes, Source)>, bool) {
+    async fn attempt(
+        &self,
+        attempt: Attempt,
+        chunk: ChunkId,
+        is_hedge: bool,
+    ) -> (Option<(VerifiedChunk, Source)>, bool) {
         let (peer, ask, source) = match attempt {
             Attempt::Holder(peer) => (peer, Ask::Holder, Source::Peer),
             Attempt::HolderForHome(peer) => (peer, Ask::HolderForHome, Source::Peer),
@@ -752,7 +763,7 @@ impl Mesh {
 
     /// A chunk request to a holder (`home` None) or to a home node (`home` the object the
     /// chunk is fetched for, if known).
-    async fn request(&self, peer: &PeerTarget, chunk: ChunkId, ask: Ask) -> Option<Bytes> {
+    async fn request(&self, peer: &PeerTarget, chunk: ChunkId, ask: Ask) -> Option<VerifiedChunk> {
         let in_flight = InFlight::start(self, peer.peer_id);
         let result = match ask {
             Ask::Home(of) => self.data_plane.home_fetch(peer, chunk, of).await,

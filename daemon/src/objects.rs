@@ -20,6 +20,7 @@ use cachemesh_proto::limits::{CHUNK_BYTES_MAX, OBJECT_BYTES_MAX};
 use cachemesh_proto::{ChunkId, Manifest, ObjectId};
 use futures::stream::{FuturesOrdered, Stream, StreamExt};
 
+use crate::chunk::VerifiedChunk;
 use crate::fetch::{FetchError, Fetcher, ObjectContext, Source};
 use crate::origin::OriginError;
 use crate::store::StoreError;
@@ -107,9 +108,10 @@ impl Objects {
     fn spawn_chunk(&self, data: Bytes) -> tokio::task::JoinHandle<Result<ChunkDone, OriginError>> {
         let fetcher = self.fetcher.clone();
         tokio::spawn(async move {
-            let id = ChunkId::of(&data);
+            let chunk = VerifiedChunk::hash(data);
+            let (id, data) = (chunk.id(), chunk.bytes().clone());
             let (stored, uploaded) =
-                tokio::join!(fetcher.store().write_chunk(id, data.clone()), fetcher.origin().put_chunk(&id, data));
+                tokio::join!(fetcher.store().write_chunk(chunk), fetcher.origin().put_chunk(&id, data));
             if let Err(error) = stored {
                 // The origin holds the chunk; the local copy is only a cache.
                 tracing::warn!(chunk = %id, %error, "could not keep an uploaded chunk in the local store");

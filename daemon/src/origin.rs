@@ -29,6 +29,8 @@ use object_store::path::Path as StorePath;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use tokio::sync::Semaphore;
 
+use crate::chunk::VerifiedChunk;
+
 /// Retries of one origin request after a transient failure.
 pub const ORIGIN_RETRIES_MAX: usize = 3;
 /// Longest time spent retrying one origin request.
@@ -192,14 +194,13 @@ impl Origin {
     }
 
     /// Fetches a chunk and checks its hash.
-    pub async fn get_chunk(&self, id: &ChunkId) -> Result<Bytes, OriginError> {
+    pub async fn get_chunk(&self, id: &ChunkId) -> Result<VerifiedChunk, OriginError> {
         let key = chunk_key(id);
         let bytes = self.get_bounded(&key, u64::from(CHUNK_BYTES_MAX)).await?;
-        if !id.matches(&bytes) {
+        VerifiedChunk::check(*id, bytes).map_err(|_| {
             metrics::counter!("cachemesh_verify_failures_total", "source" => "origin").increment(1);
-            return Err(OriginError::Corrupt { key: key.to_string() });
-        }
-        Ok(bytes)
+            OriginError::Corrupt { key: key.to_string() }
+        })
     }
 
     /// Fetches a manifest, checks it hashes to `id` and decodes it.

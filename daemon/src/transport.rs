@@ -62,6 +62,7 @@ use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::chunk::VerifiedChunk;
 use crate::identity::{NodeIdentity, verify_signature};
 
 // ---------------------------------------------------------------------------------------
@@ -677,7 +678,7 @@ impl DataPlane {
     }
 
     /// Chunk `id`, whole, from `peer`; verified against its id.
-    pub async fn get_chunk(&self, peer: &PeerTarget, id: ChunkId) -> Result<Bytes, PeerError> {
+    pub async fn get_chunk(&self, peer: &PeerTarget, id: ChunkId) -> Result<VerifiedChunk, PeerError> {
         let request = Request::GetChunk { id, offset: 0, length: 0 };
         let result = self.request(peer, request, REQUEST_TIMEOUT).await.and_then(|answer| verified(answer, id));
         count_peer_error(peer, result)
@@ -686,7 +687,7 @@ impl DataPlane {
     /// Chunk `id`, whole and verified, from `peer`, for this node as the chunk's home: the
     /// peer serves it when an upload slot is free, however long its line, and never answers
     /// `Busy` for the line's sake.
-    pub async fn get_chunk_for_home(&self, peer: &PeerTarget, id: ChunkId) -> Result<Bytes, PeerError> {
+    pub async fn get_chunk_for_home(&self, peer: &PeerTarget, id: ChunkId) -> Result<VerifiedChunk, PeerError> {
         let request = Request::GetChunkForHome(id);
         let result = self.request(peer, request, HOME_FETCH_TIMEOUT).await.and_then(|answer| verified(answer, id));
         count_peer_error(peer, result)
@@ -699,7 +700,7 @@ impl DataPlane {
         peer: &PeerTarget,
         id: ChunkId,
         of: Option<(ObjectId, u32)>,
-    ) -> Result<Bytes, PeerError> {
+    ) -> Result<VerifiedChunk, PeerError> {
         let request = match of {
             Some((object, index)) => Request::HomeFetchOf { id, object, index },
             None => Request::HomeFetch(id),
@@ -811,10 +812,9 @@ fn count_peer_error<T>(peer: &PeerTarget, result: Result<T, PeerError>) -> Resul
     result
 }
 
-fn verified(answer: Answer, id: ChunkId) -> Result<Bytes, PeerError> {
+fn verified(answer: Answer, id: ChunkId) -> Result<VerifiedChunk, PeerError> {
     match answer {
-        Answer::Chunk(bytes) if id.matches(&bytes) => Ok(bytes),
-        Answer::Chunk(_) => Err(PeerError::Corrupt { chunk: id }),
+        Answer::Chunk(bytes) => VerifiedChunk::check(id, bytes).map_err(|_| PeerError::Corrupt { chunk: id }),
         Answer::HaveSet { .. } => Err(PeerError::Protocol("a have-set answered a chunk request".into())),
     }
 }
@@ -1910,12 +1910,18 @@ mod tests {
         assert_eq!(client.plane.have_set(&peer, ObjectId::of(b"unknown")).await, Err(PeerError::NotFound));
         // The service is told who asked: the admitted identity, not an address.
         assert_eq!(*server.service.have_set_askers.lock().unwrap(), vec![client.plane.peer_id(); 2]);
-        assert_eq!(client.plane.get_chunk(&peer, id).await, Ok(chunk.clone()));
+        assert_eq!(client.plane.get_chunk(&peer, id).await.map(VerifiedChunk::into_bytes), Ok(chunk.clone()));
         assert_eq!(client.plane.get_chunk(&peer, ChunkId::of(b"absent")).await, Err(PeerError::NotFound));
-        assert_eq!(client.plane.get_chunk_for_home(&peer, id).await, Ok(chunk.clone()));
+        assert_eq!(client.plane.get_chunk_for_home(&peer, id).await.map(VerifiedChunk::into_bytes), Ok(chunk.clone()));
         assert_eq!(client.plane.get_chunk_for_home(&peer, ChunkId::of(b"absent")).await, Err(PeerError::NotFound));
-        assert_eq!(client.plane.home_fetch(&peer, homed_id, None).await, Ok(homed.clone()));
-        assert_eq!(client.plane.home_fetch(&peer, homed_id, Some((object, 7))).await, Ok(homed));
+        assert_eq!(
+            client.plane.home_fetch(&peer, homed_id, None).await.map(VerifiedChunk::into_bytes),
+            Ok(homed.clone())
+        );
+        assert_eq!(
+            client.plane.home_fetch(&peer, homed_id, Some((object, 7))).await.map(VerifiedChunk::into_bytes),
+            Ok(homed)
+        );
         // The service learns which object the chunk was fetched for, when it is named.
         assert_eq!(*server.service.home_fetch_objects.lock().unwrap(), vec![None, Some((object, 7))]);
         assert_eq!(client.plane.home_fetch(&peer, ChunkId::of(b"nowhere"), None).await, Err(PeerError::NotFound));
@@ -2209,7 +2215,7 @@ mod tests {
 
         gate.release.add_permits(REQUESTS_PER_PEER_MAX);
         while let Some(result) = held.join_next().await {
-            assert_eq!(result.unwrap(), Ok(chunk.clone()));
+            assert_eq!(result.unwrap().map(VerifiedChunk::into_bytes), Ok(chunk.clone()));
         }
     }
 
@@ -2264,7 +2270,7 @@ mod tests {
         let mut bytes = 0u64;
         while let Some(result) = fetches.join_next().await {
             let (id, chunk) = result.unwrap();
-            let chunk = chunk.unwrap();
+            let chunk = chunk.unwrap().into_bytes();
             assert_eq!(ChunkId::of(&chunk), id);
             bytes += chunk.len() as u64;
         }

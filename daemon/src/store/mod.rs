@@ -37,6 +37,7 @@ use cachemesh_proto::limits::CHUNK_BYTES_MAX;
 use cachemesh_proto::{ChunkId, Manifest, ObjectId};
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 
+use crate::chunk::VerifiedChunk;
 pub use io::{ChunkIo, IoBackendChoice, IoBackendKind};
 use residency::Residency;
 
@@ -61,12 +62,6 @@ pub enum StoreError {
     /// The index database failed.
     #[error("store index: {0}")]
     Index(#[from] redb::Error),
-    /// Bytes offered for a chunk do not hash to its id.
-    #[error("chunk {id} bytes do not match its id")]
-    HashMismatch {
-        /// The chunk.
-        id: ChunkId,
-    },
     /// A chunk larger than `CHUNK_BYTES_MAX` was offered.
     #[error("chunk {id} has {size} bytes, more than CHUNK_BYTES_MAX")]
     ChunkTooLarge {
@@ -264,13 +259,14 @@ impl Store {
         Ok(Some(data))
     }
 
-    /// Stores a chunk durably. The bytes are hash-checked first; an existing chunk is a no-op.
-    pub async fn write_chunk(&self, id: ChunkId, data: Bytes) -> Result<(), StoreError> {
+    /// Stores a chunk durably; an existing chunk is a no-op. The bytes were hash-checked
+    /// where they entered the node (that is what a [`VerifiedChunk`] is), so they are not
+    /// hashed again here.
+    pub async fn write_chunk(&self, chunk: VerifiedChunk) -> Result<(), StoreError> {
+        let id = chunk.id();
+        let data = chunk.into_bytes();
         if data.len() > CHUNK_BYTES_MAX as usize {
             return Err(StoreError::ChunkTooLarge { id, size: data.len() });
-        }
-        if !id.matches(&data) {
-            return Err(StoreError::HashMismatch { id });
         }
         let size = data.len() as u32;
         let victims = {
