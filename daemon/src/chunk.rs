@@ -1,12 +1,12 @@
 //! Chunk bytes known to hash to their id.
 //!
-//! Every byte this node serves or stores is checked against its BLAKE3 id once, where it
-//! enters the node: on receipt from a peer (`transport`), on download from the origin
-//! (`origin`), or by hashing what a client put (`objects`). A [`VerifiedChunk`] is the proof
-//! that the check ran: only [`VerifiedChunk::check`] and [`VerifiedChunk::hash`] make one,
-//! and the store takes nothing else, so a chunk is not hashed again on its way to disk.
-//! Hashing is the largest CPU cost of a peer fetch after decryption; doing it twice halved
-//! what one core could verify.
+//! Every chunk is checked against its BLAKE3 id where it enters the node (and again when
+//! the store reads it back from disk): on receipt from a peer (`transport`), on download
+//! from the origin (`origin`), or by hashing what a client put (`objects`). A
+//! [`VerifiedChunk`] is the proof that the check ran: only [`VerifiedChunk::check`] and
+//! [`VerifiedChunk::hash`] make one, and the store takes nothing else, so a chunk is not
+//! hashed again on its way to disk (the second hash was about 0.13 CPU-s per GiB fetched,
+//! on the receiving node's path).
 
 use bytes::Bytes;
 use cachemesh_proto::ChunkId;
