@@ -218,8 +218,10 @@ impl Scenario {
                  object of --object-size, 4 objects per node (at most 32 in all) of seeded \
                  sizes between 1 byte and --object-size (log-uniform, plus exact chunk multiples) \
                  are put, object K on node K mod N; each node reads each object it did not put with \
-                 probability 1/2 (at least one reader per object), all reads at once. The table shows per \
-                 node its total bytes and the time its last read ended."
+                 probability 1/2 (at least one reader per object), all reads at once. With 3 nodes or more, \
+                 the last node is first restarted on an empty data dir, so the objects it put are held by \
+                 the origin alone. The table shows per node its total bytes and the time its last read \
+                 ended."
             }
         }
     }
@@ -280,7 +282,8 @@ impl Scenario {
             }
             Self::MixedWorkload => {
                 "Checks: every read has the exact bytes of its object; origin egress <= 1.02 x the summed \
-                 size of the objects read by some node that did not put them."
+                 size of the objects read by some node that did not put them; with an emptied node, origin \
+                 egress >= the size of its objects (they came from the origin)."
             }
         }
     }
@@ -512,7 +515,7 @@ async fn run_trial(
     report.notes.push(format!("put: {} chunks, {} uploaded to the origin", put.chunk_count, put.chunks_uploaded));
     let mut testbed = testbed;
     if params.origin_only {
-        forget_put_copy(params, processes, root, &mut testbed).await?;
+        forget_copies(params, processes, root, &mut testbed, PUT_NODE).await?;
         report.rows[PUT_NODE].role = "put, then emptied".into();
         report.notes.push(format!(
             "--origin-only: node {PUT_NODE} was restarted on an empty data dir after the put; the origin is the only seed"
@@ -534,35 +537,37 @@ async fn run_trial(
         Scenario::RollingRestart => {
             rolling_restart::rolling_restart(params, processes, root, &mut trial, report).await?
         }
-        Scenario::MixedWorkload => mixed_workload::mixed_workload(params, &mut trial, report).await?,
+        Scenario::MixedWorkload => mixed_workload::mixed_workload(params, processes, root, &mut trial, report).await?,
     }
     Ok(())
 }
 
-/// Stops the put node, removes its data dir and starts it again, so that only the origin
-/// holds the object (`--origin-only`).
-async fn forget_put_copy(
+/// Stops `node`, removes its data dir and starts it again with a new identity, so that
+/// what it put is held only by the origin (`--origin-only`, mixed-workload); returns once
+/// every node agrees on the membership again.
+async fn forget_copies(
     params: &Params,
     processes: &Processes,
     root: &Path,
     testbed: &mut Testbed,
+    node: usize,
 ) -> Result<(), TrialError> {
-    let node = &testbed.nodes[PUT_NODE];
-    let stop_error = |detail: String| TrialError::Stop { node: PUT_NODE, detail };
-    processes.terminate(node.handle()).map_err(|error| stop_error(error.to_string()))?;
-    match processes.wait_exit(node.handle(), rolling_restart::STOP_TIMEOUT).await {
+    let handle = testbed.nodes[node].handle();
+    let stop_error = |detail: String| TrialError::Stop { node, detail };
+    processes.terminate(handle).map_err(|error| stop_error(error.to_string()))?;
+    match processes.wait_exit(handle, rolling_restart::STOP_TIMEOUT).await {
         Ok(Some(_)) => {}
         Ok(None) => return Err(stop_error(format!("still running {:?} after SIGTERM", rolling_restart::STOP_TIMEOUT))),
         Err(error) => return Err(stop_error(error.to_string())),
     }
-    let data_dir = node.data_dir();
+    let data_dir = testbed.nodes[node].data_dir();
     std::fs::remove_dir_all(&data_dir)
         .map_err(|error| stop_error(format!("cannot remove {}: {error}", data_dir.display())))?;
-    let bootstrap = (params.nodes > 1).then_some(PUT_NODE + 1);
-    testbed.restart_node(processes, &params.binaries, root, PUT_NODE, bootstrap, params.nodes as u64 - 1).await?;
+    let bootstrap = (params.nodes > 1).then_some((node + 1) % params.nodes);
+    testbed.restart_node(processes, &params.binaries, root, node, bootstrap, params.nodes as u64 - 1).await?;
     // The restarted node has a new identity; until the others have heard of it, their home
-    // choices differ from its own and chunks may leave the origin twice. A cold start
-    // begins with the fleet agreeing on who is in it.
+    // choices differ from its own and chunks may leave the origin twice. Reads begin with
+    // the fleet agreeing on who is in it.
     let others = params.nodes as u64 - 1;
     let all: Vec<usize> = (0..params.nodes).collect();
     let timeout = crate::testbed::MEMBERSHIP_TIMEOUT_BASE;

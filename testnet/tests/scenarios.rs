@@ -407,13 +407,21 @@ fn rolling_restart_keeps_every_cache_and_nodes_advertise_again() {
 #[test]
 fn mixed_workload_every_object_arrives_intact_and_leaves_the_origin_once() {
     // Goal: objects from a few bytes to many chunks, put on different nodes and read by
-    // different subsets at once, all arrive with their exact bytes.
-    let report = assert_scenario_passes("mixed-workload", &["identical_bytes", "origin_egress_one_copy_per_object"]);
+    // different subsets at once, all arrive with their exact bytes; the last node forgets
+    // what it put, so those objects come from the origin, and no object leaves it more than
+    // about once.
+    let report = assert_scenario_passes(
+        "mixed-workload",
+        &["identical_bytes", "origin_egress_one_copy_per_object", "origin_only_objects_came_from_the_origin"],
+    );
     let notes = report["notes"].as_array().unwrap();
     assert!(
         notes.iter().any(|note| note.as_str().unwrap().contains("distinct sizes")),
         "the objects are listed: {notes:?}"
     );
+    let last = &report["rows"][NODES.parse::<usize>().unwrap() - 1];
+    assert!(last["role"].as_str().unwrap().contains("(then emptied)"), "the last node forgot its objects: {last}");
+    assert!(report["origin"]["chunk_get_bytes"].as_u64().unwrap() > 0, "some objects came from the origin");
 }
 
 #[test]

@@ -10,6 +10,10 @@
 //! reads at once, so the daemons interleave many objects' fetch windows, home requests and
 //! provider lookups.
 //!
+//! With at least 3 nodes, the last node is then restarted on an empty data dir (a new
+//! identity), so the objects it put are held by the origin alone: their readers must take
+//! them from the origin, while the others have a live seed in the mesh.
+//!
 //! The table's row per node sums its reads: bytes received, and the time its last read
 //! ended from the common start.
 //!
@@ -17,14 +21,19 @@
 //! load.
 
 use std::collections::BTreeSet;
+use std::path::Path;
 
 use cachemesh_proto::ObjectId;
 
 use crate::data::{Digest, Pattern};
+use crate::processes::Processes;
 use crate::report::{Check, Report};
 use crate::transfer::{Reader, Transfer, get_all, put};
 
-use super::{PUT_NODE, Params, Trial, TrialError, bytes_match, egress_check, finish_rows, readers, seeded_fraction};
+use super::{
+    PUT_NODE, Params, Trial, TrialError, bytes_match, egress_check, finish_rows, forget_copies, readers,
+    seeded_fraction,
+};
 
 /// Objects put per node besides the trial's object ...
 pub const MIXED_OBJECTS_PER_NODE: usize = 4;
@@ -34,6 +43,9 @@ pub const MIXED_OBJECTS_MAX: usize = 32;
 const CHUNK_MULTIPLE_EVERY: usize = 4;
 /// The daemon's chunk size, for the sizes on a chunk boundary.
 const CHUNK_BYTES: u64 = cachemesh_proto::limits::CHUNK_BYTES_MAX as u64;
+/// Fewest nodes for one of them to forget its objects: with two, the emptied node would
+/// be every other object's only reader and the put node every one of its objects' reader.
+const FORGETTING_NODES_MIN: usize = 3;
 /// Added to the seed for the pattern of object K (plus K), away from the offsets that
 /// other scenarios use for their second objects.
 const OBJECT_SEED_OFFSET: u64 = 1000;
@@ -75,7 +87,13 @@ fn object_readers(params: &Params, k: usize, putter: usize) -> Vec<usize> {
     chosen
 }
 
-pub(super) async fn mixed_workload(params: &Params, trial: &mut Trial, report: &mut Report) -> Result<(), TrialError> {
+pub(super) async fn mixed_workload(
+    params: &Params,
+    processes: &Processes,
+    root: &Path,
+    trial: &mut Trial,
+    report: &mut Report,
+) -> Result<(), TrialError> {
     let nodes = params.nodes;
     let extra = (MIXED_OBJECTS_PER_NODE * nodes).min(MIXED_OBJECTS_MAX);
     let mut objects = vec![Object {
@@ -102,6 +120,11 @@ pub(super) async fn mixed_workload(params: &Params, trial: &mut Trial, report: &
         });
     }
     let put_seconds = started.elapsed().as_secs_f64();
+    let emptied = (nodes >= FORGETTING_NODES_MIN).then_some(nodes - 1);
+    if let Some(node) = emptied {
+        eprintln!("testnet: node {node} forgets what it put (restarted on an empty data dir)");
+        forget_copies(params, processes, root, &mut trial.testbed, node).await?;
+    }
     trial.before = super::snapshot(&trial.testbed.nodes).await;
     let egress_before = trial.testbed.origin_total(|_| true).chunk_get_bytes;
     let read_count: usize = objects.iter().map(|object| object.readers.len()).sum();
@@ -125,7 +148,8 @@ pub(super) async fn mixed_workload(params: &Params, trial: &mut Trial, report: &
             .flat_map(|(object, transfers)| transfers.iter().filter(|t| t.node == row_index).map(move |t| (object, t)))
             .collect();
         let puts = objects.iter().filter(|object| object.putter == row_index).count();
-        row.role = format!("put {puts}, read {}", mine.len());
+        let forgot = if emptied == Some(row_index) { " (then emptied)" } else { "" };
+        row.role = format!("put {puts}{forgot}, read {}", mine.len());
         if mine.is_empty() {
             continue;
         }
@@ -167,19 +191,39 @@ pub(super) async fn mixed_workload(params: &Params, trial: &mut Trial, report: &
         },
     ));
     let read_bytes: u64 = objects.iter().filter(|object| !object.readers.is_empty()).map(|object| object.size).sum();
+    // Each object leaves the origin at most about once; the emptied node's objects, held
+    // by the origin alone, must have left it (at least once each), so the origin path is
+    // exercised under the mixed load rather than skipped by live seeds.
+    let origin_only: Vec<&Object> = objects.iter().filter(|object| Some(object.putter) == emptied).collect();
+    let origin_only_bytes: u64 = origin_only.iter().map(|object| object.size).sum();
     let egress = trial.testbed.origin_total(|_| true).chunk_get_bytes.saturating_sub(egress_before);
     report.checks.push(egress_check("origin_egress_one_copy_per_object", egress, read_bytes, 1.0));
+    if emptied.is_some() {
+        report.checks.push(Check::new(
+            "origin_only_objects_came_from_the_origin",
+            egress >= origin_only_bytes,
+            format!(
+                "{egress} chunk bytes left the origin; the {} objects held only by the origin have {origin_only_bytes} \
+                 bytes (at least that much must leave it)",
+                origin_only.len()
+            ),
+        ));
+    }
     // The summary's ratio is against everything the fleet read, not node 0's object alone.
     report.origin.egress_ratio = report.origin.chunk_get_bytes as f64 / read_bytes.max(1) as f64;
     let sizes: BTreeSet<u64> = objects.iter().map(|object| object.size).collect();
     report.notes.push(format!(
-        "{} objects ({} distinct sizes from {} to {} bytes, {} bytes in all) put in {put_seconds:.2} s; {read_count} \
+        "{} objects ({} distinct sizes from {} to {} bytes, {} bytes in all) put in {put_seconds:.2} s; {}{read_count} \
          reads at once; per object (size, putter, readers): {}",
         objects.len(),
         sizes.len(),
         sizes.first().copied().unwrap_or(0),
         sizes.last().copied().unwrap_or(0),
         read_bytes,
+        emptied.map_or(String::new(), |node| format!(
+            "node {node} then forgot its {} objects ({origin_only_bytes} bytes, held by the origin alone); ",
+            origin_only.len()
+        )),
         objects
             .iter()
             .map(|object| format!("{} {} {:?}", object.size, object.putter, object.readers))
