@@ -248,7 +248,8 @@ impl Fetcher {
     /// Like [`Fetcher::chunk`], but returns only once the chunk is written to the local store
     /// (or its write failed): for prefetch and pin, whose point is the local copy.
     pub async fn warm(&self, id: ChunkId, context: Option<(&Arc<ObjectContext>, usize)>) -> Result<Source, FetchError> {
-        let (_, source, settled) = self.fetch(id, context).await?;
+        let (bytes, source, settled) = self.fetch(id, context).await?;
+        metrics::counter!("cachemesh_bytes_warmed_total", "source" => source.label()).increment(bytes.len() as u64);
         if let Some(settled) = settled {
             settled.await;
         }
@@ -340,8 +341,11 @@ impl Fetcher {
         if let Some((object, index)) = of {
             let Holders { partial, complete } = mesh.holders(object, index).await;
             if !partial.is_empty() {
-                let order =
-                    partial.into_iter().chain(complete).take(HOLDER_ATTEMPTS_MAX).map(Attempt::Holder).collect();
+                // Only holders still fetching: whole-object holders (the node that put the
+                // object, say) are the DC's only source of the chunks nobody else has yet,
+                // and their upload goes to those through the chunks' homes. When these
+                // holders fail, the home path below still reaches them.
+                let order = partial.into_iter().take(HOLDER_ATTEMPTS_MAX).map(Attempt::Holder).collect();
                 if let Some((chunk, source)) = mesh.race(order, id, None).await {
                     return Ok(self.keep(chunk, source, Some(object)));
                 }

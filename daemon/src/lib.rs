@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod node;
 pub mod objects;
 pub mod origin;
+pub mod picker;
 pub mod placement;
 pub mod store;
 pub mod transport;

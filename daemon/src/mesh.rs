@@ -65,6 +65,12 @@ pub const HAVE_SET_FANOUT_MAX: usize = 8;
 pub const PROVIDERS_PER_OBJECT_MAX: usize = 64;
 /// Objects whose have-sets / providers are cached.
 pub const HOLDER_CACHE_OBJECTS_MAX: usize = 1024;
+/// How long a have-set answer is trusted for an object's availability: chunks picked on it
+/// should be the ones peers hold now, since a peer gains a chunk every few hundred
+/// milliseconds while it warms the object.
+pub const AVAILABILITY_TTL: Duration = Duration::from_millis(500);
+/// Peers whose have-sets make up an object's availability, at most.
+pub const AVAILABILITY_HOLDERS_MAX: usize = 16;
 /// Holders tried for one chunk (hedges included) before moving on to its home node.
 pub const HOLDER_ATTEMPTS_MAX: usize = 3;
 /// Times one chunk fetch looks again for holders while its requests wait (see [`Mesh::race`]).
@@ -253,6 +259,17 @@ fn have_set_is_complete(bitmap: &[u8]) -> bool {
         None => false,
         Some((last, full)) => full.iter().all(|byte| *byte == 0xff) && *last != 0 && last & last.wrapping_add(1) == 0,
     }
+}
+
+/// What peers hold of one object, as [`Mesh::availability`] sees it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Availability {
+    /// Per chunk, how many peers still fetching the object hold it.
+    pub holders: Vec<u16>,
+    /// Peers still fetching the object (holding part of it).
+    pub fetching_peers: usize,
+    /// Peers holding all of it: the supply of chunks nobody fetching holds yet.
+    pub whole_holders: usize,
 }
 
 /// This node's membership in its DC's mesh.
@@ -540,9 +557,21 @@ impl Mesh {
     /// `peer`'s have-set of `object`, from the cache when it can still answer for chunk
     /// `index`, else from one request shared by concurrent callers.
     async fn have_set(&self, peer: &PeerTarget, object: ObjectId, index: usize) -> Option<Arc<Vec<u8>>> {
+        self.have_set_within(peer, object, index, HAVE_SET_TTL).await
+    }
+
+    /// [`Mesh::have_set`], trusting a cached answer for at most `ttl` (unless it has chunk
+    /// `index` and is younger than [`HAVE_SET_POSITIVE_TTL`]).
+    async fn have_set_within(
+        &self,
+        peer: &PeerTarget,
+        object: ObjectId,
+        index: usize,
+        ttl: Duration,
+    ) -> Option<Arc<Vec<u8>>> {
         if let Some((at, bitmap)) = self.lock_holders().have_sets.get(&(peer.peer_id, object)) {
             let age = at.elapsed();
-            if age < HAVE_SET_TTL || (age < HAVE_SET_POSITIVE_TTL && have_set_contains(bitmap, index)) {
+            if age < ttl || (age < HAVE_SET_POSITIVE_TTL && have_set_contains(bitmap, index)) {
                 return Some(bitmap.clone());
             }
         }
@@ -585,6 +614,55 @@ impl Mesh {
         partial.extend(complete);
         let attempts = partial.into_iter().take(HOLDER_ATTEMPTS_MAX).map(Attempt::HolderForHome).collect();
         self.race(attempts, chunk, None).await.map(|(chunk, _)| chunk)
+    }
+
+    /// What peers hold of `object` ([`Availability`]), from their have-sets (cached as
+    /// [`Mesh::holders`] caches them).
+    pub async fn availability(self: &Arc<Self>, object: ObjectId, chunk_count: usize) -> Availability {
+        let mut availability = Availability { holders: vec![0u16; chunk_count], ..Availability::default() };
+        let now = Instant::now();
+        let targets: Vec<PeerTarget> = self
+            .providers(object)
+            .await
+            .into_iter()
+            .filter_map(|peer| self.member_target(peer))
+            .filter(|target| !self.avoided(&target.peer_id, now))
+            .take(AVAILABILITY_HOLDERS_MAX)
+            .collect();
+        let have_sets = futures::future::join_all(targets.iter().map(|target| async move {
+            let have_set = self.have_set_within(target, object, usize::MAX, AVAILABILITY_TTL);
+            tokio::time::timeout(HAVE_SET_WAIT, have_set).await.ok().flatten()
+        }))
+        .await;
+        for bitmap in have_sets.into_iter().flatten() {
+            if have_set_is_complete(&bitmap) {
+                availability.whole_holders += 1;
+                continue;
+            }
+            availability.fetching_peers += 1;
+            for (index, count) in availability.holders.iter_mut().enumerate() {
+                if have_set_contains(&bitmap, index) {
+                    *count = count.saturating_add(1);
+                }
+            }
+        }
+        availability
+    }
+
+    /// Where this node starts taking fresh chunks of an object of `chunk_count` chunks
+    /// when the order is its own to choose: the members and this node, ranked by position,
+    /// start at evenly spaced chunks, rotated per object.
+    pub fn spread_start(&self, object: &ObjectId, chunk_count: usize) -> usize {
+        if chunk_count == 0 {
+            return 0;
+        }
+        let mut positions: Vec<Position> =
+            self.discovery.members().into_iter().map(|member| Position::of_peer(&member.peer_id.to_bytes())).collect();
+        positions.push(self.self_position);
+        positions.sort();
+        let rank = positions.iter().position(|position| *position == self.self_position).unwrap_or(0);
+        let rotation = u64::from_le_bytes(object.as_bytes()[..8].try_into().unwrap_or_default()) as usize;
+        (rank * chunk_count / positions.len() + rotation) % chunk_count
     }
 
     /// Live, unpenalised members that hold chunk `index` of `object`, least loaded first,
@@ -701,10 +779,11 @@ impl Mesh {
                         && let Some((object, index)) = refresh
                     {
                         refreshes_left -= 1;
-                        let Holders { partial, complete } = self.holders(object, index).await;
+                        let Holders { partial, .. } = self.holders(object, index).await;
+                        // Holders still fetching only: whole-object holders are the seed's
+                        // kind, whose upload the home is already drawing on.
                         let fresh: Vec<PeerTarget> = partial
                             .into_iter()
-                            .chain(complete)
                             .filter(|holder| !asked.contains(&holder.peer_id))
                             .take(HOLDER_ATTEMPTS_MAX)
                             .collect();

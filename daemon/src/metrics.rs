@@ -32,6 +32,11 @@ fn describe() {
         Unit::Bytes,
         "Object bytes sent to API clients, by the tier the chunk came from (source)."
     );
+    describe_counter!(
+        "cachemesh_bytes_warmed_total",
+        Unit::Bytes,
+        "Chunk bytes pin and prefetch brought into the cache (or found there), by source."
+    );
     describe_counter!("cachemesh_chunk_fetches_total", "Chunks obtained for reads, by source.");
     describe_histogram!(
         "cachemesh_chunk_fetch_seconds",

@@ -13,22 +13,31 @@
 
 use std::ops::Range;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use cachemesh_proto::api::PutObjectResponse;
 use cachemesh_proto::limits::{CHUNK_BYTES_MAX, OBJECT_BYTES_MAX};
 use cachemesh_proto::{ChunkId, Manifest, ObjectId};
-use futures::stream::{FuturesOrdered, Stream, StreamExt};
+use futures::stream::{FuturesOrdered, FuturesUnordered, Stream, StreamExt};
 
 use crate::chunk::VerifiedChunk;
 use crate::fetch::{FetchError, Fetcher, ObjectContext, Source};
 use crate::origin::OriginError;
+use crate::picker::{Pick, Picker};
 use crate::store::StoreError;
 
 /// Chunks of one put being hashed, stored and uploaded at once.
 pub const PUT_WINDOW_CHUNKS: usize = 8;
 /// Chunks of one read in flight at once.
 pub const FETCH_WINDOW_CHUNKS: usize = 8;
+/// Chunks of a pin in flight at once that no peer still fetching the object holds, per
+/// peer holding all of it (or for the origin, when none does): those chunks come from the
+/// whole holders or the origin, through the chunks' homes, whose upload every node warming
+/// the object shares.
+pub const WARM_FRESH_CHUNKS_PER_SOURCE: usize = 2;
+/// How often a pin with a free slot and nothing to start looks again at what peers hold.
+pub const WARM_AVAILABILITY_POLL: Duration = Duration::from_millis(250);
 
 /// Why a put failed. Nothing was published.
 #[derive(Debug, thiserror::Error)]
@@ -263,19 +272,70 @@ impl Objects {
         Ok(manifest)
     }
 
+    /// Fetches every chunk of `object` into the store, [`FETCH_WINDOW_CHUNKS`] at a time: in
+    /// a mesh in the order a [`Picker`] chooses (chunks peers hold, rarest first, and at most
+    /// [`WARM_FRESH_CHUNKS_PER_SOURCE`] per whole holder that no fetching peer holds
+    /// yet), else in index order.
     async fn fetch_all(&self, object: ObjectId, manifest: &Manifest) -> Result<(), FetchError> {
         let context = Arc::new(ObjectContext { object });
-        let mut fetches = futures::stream::iter(manifest.chunks().to_vec().into_iter().enumerate())
-            .map(|(index, id)| {
-                let fetcher = self.fetcher.clone();
-                let context = context.clone();
-                async move { fetcher.warm(id, Some((&context, index))).await }
-            })
-            .buffer_unordered(FETCH_WINDOW_CHUNKS);
-        while let Some(result) = fetches.next().await {
-            let _source: Source = result?;
+        let warm = |index: usize| {
+            let (fetcher, context, id) = (self.fetcher.clone(), context.clone(), manifest.chunks()[index]);
+            async move { fetcher.warm(id, Some((&context, index))).await }
+        };
+        let Some(mesh) = self.fetcher.mesh().cloned() else {
+            let mut fetches =
+                futures::stream::iter(0..manifest.chunks().len()).map(warm).buffer_unordered(FETCH_WINDOW_CHUNKS);
+            while let Some(result) = fetches.next().await {
+                let _source: Source = result?;
+            }
+            return Ok(());
+        };
+        let count = manifest.chunks().len();
+        let store = self.fetcher.store();
+        let pending = (0..count).filter(|&index| !store.contains(&manifest.chunks()[index]));
+        let mut picker = Picker::new(count, pending, mesh.spread_start(&object, count));
+        let mut in_flight = FuturesUnordered::new();
+        let mut fresh_in_flight = 0;
+        loop {
+            let mut waiting = false;
+            while in_flight.len() < FETCH_WINDOW_CHUNKS {
+                let availability = mesh.availability(object, count).await;
+                // The fresh limit protects the sources of chunks nobody warming holds yet
+                // (whole holders' upload, or the origin's link when there is none), which
+                // the members warming the object share; at the start of a storm none holds
+                // anything yet, so there is no telling who else is warming. Alone in the DC,
+                // the window is the limit.
+                let fresh_max = if mesh.discovery().members().is_empty() {
+                    FETCH_WINDOW_CHUNKS
+                } else {
+                    WARM_FRESH_CHUNKS_PER_SOURCE * availability.whole_holders.max(1)
+                };
+                let (index, fresh) = match picker.next(&availability.holders, fresh_in_flight, fresh_max) {
+                    Pick::Held(index) => (index, false),
+                    Pick::Fresh(index) => (index, true),
+                    Pick::Wait => {
+                        waiting = true;
+                        break;
+                    }
+                    Pick::Done => break,
+                };
+                fresh_in_flight += usize::from(fresh);
+                let fetch = warm(index);
+                in_flight.push(async move { (fresh, fetch.await) });
+            }
+            if in_flight.is_empty() {
+                return Ok(());
+            }
+            // With a slot free but nothing to start, look again for chunks peers gained.
+            let poll = tokio::time::sleep(if waiting { WARM_AVAILABILITY_POLL } else { Duration::MAX });
+            tokio::select! {
+                Some((fresh, result)) = in_flight.next() => {
+                    fresh_in_flight -= usize::from(fresh);
+                    let _source: Source = result?;
+                }
+                () = poll => {}
+            }
         }
-        Ok(())
     }
 
     /// Removes the pin of `id`; false when it was not pinned.

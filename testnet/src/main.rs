@@ -148,6 +148,12 @@ struct RunArgs {
     /// --nodes 1 this is the one-host time that a fleet's warm time is compared against.
     #[arg(long)]
     origin_only: bool,
+    /// cold-start only: each node pins the object (PUT /v1/objects/{id}/pin: its cache is
+    /// warmed in the order the node chooses, chunks its peers hold first, rarest first),
+    /// then reads it from its cache; the time is the warm plus that read. Without it, each
+    /// node reads the object in order as it arrives.
+    #[arg(long)]
+    pin: bool,
     /// Keep the temporary root (nodes' data dirs, sockets, logs, the cluster key) instead
     /// of removing it at the end; its path is printed.
     #[arg(long)]
@@ -246,6 +252,9 @@ fn repeat_command(args: &RunArgs, seed: u64) -> String {
     if args.origin_only {
         line.push_str(" --origin-only");
     }
+    if args.pin {
+        line.push_str(" --pin");
+    }
     if let Some(dir) = &args.bin_dir {
         line.push_str(&format!(" --bin-dir {}", dir.display()));
     }
@@ -285,6 +294,9 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
     if args.origin_only && args.scenario != Scenario::ColdStart {
         bail!("--origin-only is for cold-start only, not {}", args.scenario.name());
+    }
+    if args.pin && args.scenario != Scenario::ColdStart {
+        bail!("--pin is for cold-start only, not {}", args.scenario.name());
     }
     let bin_dir = match &args.bin_dir {
         Some(dir) => dir.clone(),
@@ -367,6 +379,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         network: network.report.clone(),
         timeout: Duration::from_secs(args.timeout),
         origin_only: args.origin_only,
+        pin: args.pin,
         binaries,
         bin_dir,
         out: args.out.clone(),

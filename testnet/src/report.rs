@@ -65,7 +65,8 @@ pub struct NodeRow {
     /// The read's progress: `[seconds from the common start, bytes received so far]` pairs,
     /// from the first byte to the last (at most `PROGRESS_SAMPLES_MAX`; empty when no byte came).
     pub progress: Vec<(f64, u64)>,
-    /// `cachemesh_bytes_served_total` by source, during the reads.
+    /// `cachemesh_bytes_served_total` by source, during the reads (with `--pin`,
+    /// `cachemesh_bytes_warmed_total`: where the pin took the bytes from).
     pub bytes_served: Option<BySource>,
     /// `cachemesh_chunk_fetches_total` by source, during the reads.
     pub chunk_fetches: Option<BySource>,

@@ -158,8 +158,9 @@ impl Scenario {
             Self::CorruptPeer => {
                 "Goal: a peer serving corrupt chunks cannot get a bad byte to any client. Node 0 puts; one other \
                  node (chosen by the seed) runs with the test-only --fault-corrupt-served-chunks true and first \
-                 reads the object itself, so that it holds it and is asked for it; then the remaining nodes \
-                 (not node 0, not the faulty one) GET at once."
+                 reads the object itself; then node 0 is restarted on an empty data dir, so that the faulty node \
+                 is the mesh's only holder and every fetch meets it; then the remaining nodes (not node 0, not \
+                 the faulty one) GET at once."
             }
             Self::TwoDcs => {
                 "Goal: datacenters stay apart and each pulls about one copy from the shared origin. The first \
@@ -347,6 +348,8 @@ pub struct Params {
     pub timeout: Duration,
     /// cold-start: node 0 drops its copy after the put, so the origin is the only seed.
     pub origin_only: bool,
+    /// cold-start: each node pins the object (warms its cache in its own order), then reads it.
+    pub pin: bool,
     /// The binaries.
     pub binaries: Binaries,
     /// Where they came from.
@@ -527,7 +530,7 @@ async fn run_trial(
     match params.scenario {
         Scenario::ColdStart => cold_start(params, &mut trial, report).await?,
         Scenario::PeerKilled => peer_killed(params, processes, &mut trial, report).await?,
-        Scenario::CorruptPeer => corrupt_peer(params, &mut trial, report, faulty.unwrap_or(1)).await?,
+        Scenario::CorruptPeer => corrupt_peer(params, processes, root, &mut trial, report, faulty.unwrap_or(1)).await?,
         Scenario::TwoDcs => two_dcs(params, &mut trial, report).await?,
         Scenario::Churn => churn(params, processes, root, &mut trial, report).await?,
         Scenario::OriginOutage => origin_outage(params, processes, &mut trial, report).await?,
@@ -585,12 +588,16 @@ fn readers(trial: &Trial, nodes: impl IntoIterator<Item = usize>) -> Vec<Reader>
             client: trial.testbed.nodes[node].client().clone(),
             counts_towards_progress: node != PUT_NODE,
             start_delay: Duration::ZERO,
+            pin_first: false,
         })
         .collect()
 }
 
 async fn read_all(params: &Params, trial: &Trial, nodes: impl IntoIterator<Item = usize>) -> Vec<Transfer> {
-    let readers = readers(trial, nodes);
+    let mut readers = readers(trial, nodes);
+    for reader in &mut readers {
+        reader.pin_first = params.pin;
+    }
     eprintln!("testnet: {} nodes read the object at once", readers.len());
     let (_progress, joined) = get_all(readers, trial.object_id, params.timeout);
     joined.await
@@ -657,7 +664,9 @@ async fn finish_rows(
         let index = row.node;
         row.origin = origin[index];
         if let (Some(before), Some(now)) = (&trial.before[index], &after[index]) {
-            row.bytes_served = Some(by_source_delta(before, now, "cachemesh_bytes_served_total"));
+            // Pinned reads come from the cache: where the warm took its bytes is the story.
+            let by_source = if params.pin { "cachemesh_bytes_warmed_total" } else { "cachemesh_bytes_served_total" };
+            row.bytes_served = Some(by_source_delta(before, now, by_source));
             row.chunk_fetches = Some(by_source_delta(before, now, "cachemesh_chunk_fetches_total"));
             let failures = |m: &Metrics| m.count("cachemesh_verify_failures_total", &[("source", "peer")]);
             row.verify_failures_peer = Some(failures(now).saturating_sub(failures(before)));
@@ -744,6 +753,14 @@ fn egress_check(name: &str, bytes: u64, object_size: u64, copies: f64) -> Check 
 
 async fn cold_start(params: &Params, trial: &mut Trial, report: &mut Report) -> Result<(), TrialError> {
     let all: Vec<usize> = (0..params.nodes).collect();
+    if params.pin {
+        report.notes.push(
+            "--pin: each node pinned the object (warming its cache in the order it chose), then read it; the \
+             by-source columns are the bytes the pin warmed (cachemesh_bytes_warmed_total), not those the read \
+             returned (all local by then)"
+                .into(),
+        );
+    }
     let transfers = read_all(params, trial, all.clone()).await;
     finish_rows(params, trial, &transfers, &[], report).await;
     report.checks.push(identical_bytes_check("identical_bytes", report, &all));
@@ -845,12 +862,22 @@ async fn peer_killed(
 
 async fn corrupt_peer(
     params: &Params,
+    processes: &Processes,
+    root: &Path,
     trial: &mut Trial,
     report: &mut Report,
     faulty: usize,
 ) -> Result<(), TrialError> {
     eprintln!("testnet: faulty node {faulty} reads the object first");
     let mut transfers = read_all(params, trial, [faulty]).await;
+    // With the put node's copy gone, the faulty node is the only holder in the mesh: every
+    // reader's chunk is first asked of it (through the chunk's home), so the fault is met
+    // whichever holders the readers would otherwise prefer.
+    eprintln!("testnet: node {PUT_NODE} forgets the object, so the faulty node is its only holder");
+    forget_copies(params, processes, root, &mut trial.testbed, PUT_NODE).await?;
+    // The restarted node's counters start again from zero.
+    trial.before[PUT_NODE] = snapshot(&trial.testbed.nodes[PUT_NODE..=PUT_NODE]).await.pop().flatten();
+    report.rows[PUT_NODE].role = "put, then emptied".into();
     let rest: Vec<usize> = (0..params.nodes).filter(|node| *node != PUT_NODE && *node != faulty).collect();
     transfers.extend(read_all(params, trial, rest.clone()).await);
     finish_rows(params, trial, &transfers, &[], report).await;

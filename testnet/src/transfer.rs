@@ -18,6 +18,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use cachemesh_daemon::client::Client;
 use cachemesh_proto::ObjectId;
 use http_body_util::BodyExt;
@@ -215,6 +216,9 @@ pub struct Reader {
     /// How long after the common start this read begins (zero: at once). Its times are
     /// still counted from the common start; the timeout runs from its own start.
     pub start_delay: Duration,
+    /// Pin the object first (`PUT /v1/objects/{id}/pin`: the node warms its cache in the
+    /// order it chooses), then read it, from the cache by then.
+    pub pin_first: bool,
 }
 
 /// Starts every read at once; returns the progress channel (bytes received so far by the
@@ -236,7 +240,7 @@ pub fn get_all(
             let task = tokio::spawn(async move {
                 let mut transfer = Transfer::new(node);
                 tokio::time::sleep(reader.start_delay).await;
-                let read = read_one(&reader.client, &object_id, start, progress, &mut transfer);
+                let read = read_one(&reader.client, &object_id, reader.pin_first, start, progress, &mut transfer);
                 match tokio::time::timeout(timeout, read).await {
                     Ok(Ok(())) => transfer.seconds = Some(start.elapsed().as_secs_f64()),
                     Ok(Err(error)) => transfer.error = Some(error),
@@ -270,10 +274,19 @@ pub fn get_all(
 async fn read_one(
     client: &Client,
     object_id: &ObjectId,
+    pin_first: bool,
     start: Instant,
     progress: Option<Arc<watch::Sender<u64>>>,
     transfer: &mut Transfer,
 ) -> Result<(), String> {
+    if pin_first {
+        let path = format!("/v1/objects/{object_id}/pin");
+        let (status, body) =
+            client.send_bytes(http::Method::PUT, &path, Bytes::new()).await.map_err(|error| error.to_string())?;
+        if !status.is_success() {
+            return Err(format!("pin: {status}: {}", String::from_utf8_lossy(&body)));
+        }
+    }
     let response = client.get_object(object_id, None).await.map_err(|error| error.to_string())?;
     let mut body = response.into_body();
     while let Some(frame) = body.frame().await {

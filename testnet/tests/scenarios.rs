@@ -444,6 +444,25 @@ fn origin_only_cold_start_pulls_the_object_from_the_origin_once() {
 }
 
 #[test]
+fn pinned_cold_start_warms_every_node_with_one_copy_from_the_origin_at_most() {
+    // Goal: with --pin every node warms its cache in its own order and then reads the
+    // object from it: all bytes right, the object leaves the origin at most once, and the
+    // by-source columns show where each reader's pin took the object's bytes from.
+    let report =
+        assert_run_passes("cold-start", NODES, OBJECT_SIZE, &["--pin"], &["identical_bytes", "origin_egress_one_copy"]);
+    let notes = report["notes"].as_array().unwrap();
+    assert!(notes.iter().any(|note| note.as_str().unwrap().starts_with("--pin")), "{notes:?}");
+    let size = report["parameters"]["object_size"].as_u64().unwrap();
+    for row in report["rows"].as_array().unwrap().iter().skip(1) {
+        let by_source = row["bytes_served"].as_object().unwrap();
+        let warmed: u64 = by_source.values().map(|bytes| bytes.as_u64().unwrap()).sum();
+        assert_eq!(warmed, size, "a reader's pin warmed the whole object once: {row}");
+        // Some chunks may be local already: a node fetches a chunk as its home for a peer.
+        assert!(by_source["local"].as_u64().unwrap() < size, "the reader fetched something: {row}");
+    }
+}
+
+#[test]
 fn help_lists_every_scenario_and_parameter() {
     // Goal: `--help` and `run --help` explain every scenario and every parameter.
     for args in [&["--help"][..], &["run", "--help"][..]] {
@@ -482,6 +501,7 @@ fn help_lists_every_scenario_and_parameter() {
                 "--slow-hosts",
                 "--slow-rate",
                 "--origin-only",
+                "--pin",
             ] {
                 assert!(text.contains(flag), "run --help does not mention {flag}:\n{text}");
             }

@@ -4,8 +4,10 @@
 use std::path::Path;
 use std::time::Duration;
 
+use bytes::Bytes;
 use cachemesh_tests::support::{POLL_INTERVAL, binary};
 use cachemesh_tests::*;
+use http::Method;
 
 /// How long a mesh may take to form or to show that it will not.
 const MESH_DEADLINE: Duration = Duration::from_secs(30);
@@ -242,6 +244,48 @@ async fn readers_of_a_fresh_object_take_each_chunk_from_its_only_holder_about_on
     eprintln!("the seed uploaded {:.2} x the object", uploaded / object);
     assert!(uploaded >= object * 0.5, "the readers took little from the only holder: {uploaded}\n{}", metrics.text);
     assert!(uploaded <= object * 1.25, "the seed sent {uploaded} bytes for a {object}-byte object\n{}", metrics.text);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_pinning_a_fresh_object_at_once_warm_it_from_each_other() {
+    // Goal: two nodes pin an object only its putter holds, at the same time. Each warms its
+    // cache in its own order (chunks the other already holds first, and a couple of fresh
+    // ones at a time from the putter through their homes); both end with every chunk, read
+    // back exactly, the putter uploads about one copy, and the two took chunks from each
+    // other, not only from the putter.
+    const CHUNKS: u64 = 24;
+    let seed = test_seed();
+    let ThreeNodes { shared: _shared, nodes: [seeder, first, second], .. } = three_node_mesh().await;
+
+    let (id, digest) = put_checked(&seeder.client(), Pattern::new(seed), CHUNKS * CHUNK).await;
+    let pin = |node: &Daemon| {
+        let client = node.client();
+        async move {
+            let (status, body) =
+                client.send_bytes(Method::PUT, &format!("/v1/objects/{id}/pin"), Bytes::new()).await.unwrap();
+            assert!(status.is_success(), "pin: {status} {body:?}");
+        }
+    };
+    tokio::join!(pin(&first), pin(&second));
+    let object = digest.length() as f64;
+    for node in [&first, &second] {
+        let metrics = node.metrics().await;
+        let warmed = metrics.sum("cachemesh_bytes_warmed_total", &[]);
+        assert_eq!(warmed, object, "a pin warms every byte once\n{}", metrics.text);
+        assert_eq!(metrics.sum("cachemesh_bytes_warmed_total", &[("source", "origin")]), 0.0, "{}", metrics.text);
+        assert_reads_back(&node.client(), &id, &digest).await;
+        let after = node.metrics().await;
+        let local = after.sum("cachemesh_bytes_served_total", &[("source", "local")]);
+        assert_eq!(local, object, "the read after the pin came from the cache\n{}", after.text);
+    }
+    assert_no_chunk_left_the_origin(&[&seeder, &first, &second]).await;
+    let uploaded = seeder.metrics().await.sum("cachemesh_peer_upload_bytes_total", &[]);
+    eprintln!("the seed uploaded {:.2} x the object", uploaded / object);
+    assert!(uploaded <= object * 1.25, "the seed sent {uploaded} bytes for a {object}-byte object");
+    for (name, node) in [("first", &first), ("second", &second)] {
+        let sent = node.metrics().await.sum("cachemesh_peer_upload_bytes_total", &[]);
+        assert!(sent > 0.0, "the {name} pinning node served nothing to the other");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
