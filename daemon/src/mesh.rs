@@ -7,10 +7,11 @@
 //! - To fetch a chunk from holders it asks up to [`HAVE_SET_FANOUT_MAX`] of the object's
 //!   holders for their have-set (a bitmap; one request per holder and object in flight,
 //!   answers cached: a set bit for [`HAVE_SET_POSITIVE_TTL`], a clear one for
-//!   [`HAVE_SET_TTL`]) and asks those that hold the chunk, least loaded first. When the
-//!   first is slower than the hedge delay ([`crate::hedge`]) the next is asked too and the
-//!   first verified answer wins. A peer that sends corrupt bytes is penalised for
-//!   [`PEER_PENALTY`].
+//!   [`HAVE_SET_TTL`]) and asks those that hold the chunk, least loaded first: only holders
+//!   still fetching, when any has it, since whole-object holders are the DC's source of new
+//!   chunks and are reached through the chunks' homes. When the first is slower than the
+//!   hedge delay ([`crate::hedge`]) the next is asked too and the first verified answer
+//!   wins. A peer that sends corrupt bytes is penalised for [`PEER_PENALTY`].
 //! - While a reader waits on a chunk's home node, it looks again for holders now and then
 //!   ([`Mesh::race`]): readers served before it hold the chunk too. A home fetching from
 //!   holders waits its turn in their lines for upload slots rather than go to the origin.
@@ -840,8 +841,8 @@ impl Mesh {
         self.lock_load().get(peer).and_then(|state| state.penalised_until).is_some_and(|until| until > now)
     }
 
-    /// A chunk request to a holder (`home` None) or to a home node (`home` the object the
-    /// chunk is fetched for, if known).
+    /// One chunk request as `ask` says (to a holder, for this node as a home, or to the
+    /// chunk's home node); records the peer's load, penalises corrupt or unreachable peers.
     async fn request(&self, peer: &PeerTarget, chunk: ChunkId, ask: Ask) -> Option<VerifiedChunk> {
         let in_flight = InFlight::start(self, peer.peer_id);
         let result = match ask {

@@ -297,19 +297,21 @@ impl Objects {
         let mut in_flight = FuturesUnordered::new();
         let mut fresh_in_flight = 0;
         loop {
+            // One view of what peers hold per round of picks: the picks leave the pending
+            // set, so the view need not change between them.
+            let availability = mesh.availability(object, count).await;
+            // The fresh limit protects the sources of chunks nobody warming holds yet
+            // (whole holders' upload, or the origin's link when there is none), which the
+            // members warming the object share; at the start of a storm none holds anything
+            // yet, so there is no telling who else is warming. Alone in the DC, the window
+            // is the limit.
+            let fresh_max = if mesh.discovery().members().is_empty() {
+                FETCH_WINDOW_CHUNKS
+            } else {
+                WARM_FRESH_CHUNKS_PER_SOURCE * availability.whole_holders.max(1)
+            };
             let mut waiting = false;
             while in_flight.len() < FETCH_WINDOW_CHUNKS {
-                let availability = mesh.availability(object, count).await;
-                // The fresh limit protects the sources of chunks nobody warming holds yet
-                // (whole holders' upload, or the origin's link when there is none), which
-                // the members warming the object share; at the start of a storm none holds
-                // anything yet, so there is no telling who else is warming. Alone in the DC,
-                // the window is the limit.
-                let fresh_max = if mesh.discovery().members().is_empty() {
-                    FETCH_WINDOW_CHUNKS
-                } else {
-                    WARM_FRESH_CHUNKS_PER_SOURCE * availability.whole_holders.max(1)
-                };
                 let (index, fresh) = match picker.next(&availability.holders, fresh_in_flight, fresh_max) {
                     Pick::Held(index) => (index, false),
                     Pick::Fresh(index) => (index, true),
@@ -326,14 +328,13 @@ impl Objects {
             if in_flight.is_empty() {
                 return Ok(());
             }
-            // With a slot free but nothing to start, look again for chunks peers gained.
-            let poll = tokio::time::sleep(if waiting { WARM_AVAILABILITY_POLL } else { Duration::MAX });
             tokio::select! {
                 Some((fresh, result)) = in_flight.next() => {
                     fresh_in_flight -= usize::from(fresh);
                     let _source: Source = result?;
                 }
-                () = poll => {}
+                // With a slot free but nothing to start, look again for chunks peers gained.
+                () = tokio::time::sleep(WARM_AVAILABILITY_POLL), if waiting => {}
             }
         }
     }

@@ -48,11 +48,6 @@ impl Picker {
         }
     }
 
-    /// Chunks not yet started.
-    pub fn remaining(&self) -> usize {
-        self.pending.len()
-    }
-
     /// The next chunk to start, given how many peers hold each chunk (`holders[i]`, peers
     /// still fetching the object only), how many fresh chunks are in flight and how many
     /// may be (at least one); the chunk picked leaves the pending set.
@@ -104,7 +99,7 @@ mod tests {
         assert_eq!(picker.next(&holders, 1, 1), Pick::Wait, "one fresh chunk at a time");
         assert_eq!(picker.next(&holders, 0, 1), Pick::Fresh(7));
         assert_eq!(picker.next(&holders, 0, 1), Pick::Fresh(0), "fresh picks wrap round");
-        assert_eq!(picker.remaining(), 3);
+        assert_eq!(picker.next(&holders, 0, 1), Pick::Fresh(1));
     }
 
     #[test]

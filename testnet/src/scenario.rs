@@ -546,8 +546,9 @@ async fn run_trial(
 }
 
 /// Stops `node`, removes its data dir and starts it again with a new identity, so that
-/// what it put is held only by the origin (`--origin-only`, mixed-workload); returns once
-/// every node agrees on the membership again.
+/// what it held is gone from the mesh (`--origin-only` and mixed-workload: held by the
+/// origin alone; corrupt-peer: held by the faulty node alone); returns once every node
+/// agrees on the membership again.
 async fn forget_copies(
     params: &Params,
     processes: &Processes,
