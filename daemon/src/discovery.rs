@@ -20,6 +20,11 @@
 //!   of the DC catch up at once instead of at their next poll. A hint only: receivers read
 //!   the records from the origin, so a lost or forged head costs at most one extra poll.
 //!
+//! **Reconnecting.** Bootstrap peers are redialled while a node has almost no peers; a
+//! peer whose last connection broke is redialled with backoff ([`Redial`]) until it is
+//! back or announces its leave, so the halves of a healed partition find each other even
+//! when the cut outlasted TCP.
+//!
 //! **Admission.** The control plane runs on TCP wrapped in libp2p's pre-shared-key private
 //! network (`pnet`), then noise and yamux. The key is derived from the cluster key and the
 //! DC name (`ClusterKey::private_network_key`), so a node without the cluster key, or of
@@ -35,7 +40,8 @@
 //!
 //! Invariants:
 //! - Everything is bounded: the command channel, concurrent provider lookups, queued
-//!   provider publications, the provider store, announcements, and the membership table.
+//!   provider publications, the provider store, announcements, the membership table, and
+//!   the peers kept for redialling.
 //! - An announcement is accepted only from the peer it names (gossipsub signs messages and
 //!   the decoder checks the signer against the announced peer id); this node never lists
 //!   itself as a member.
@@ -60,13 +66,16 @@ use libp2p::kad::store::{self, RecordStore};
 use libp2p::kad::{self, Mode, ProviderRecord, QueryId, QueryResult, Record, RecordKey};
 use libp2p::multiaddr::Protocol;
 use libp2p::pnet::{PnetConfig, PreSharedKey};
-use libp2p::swarm::dial_opts::DialOpts;
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{ConnectionId, DialError, NetworkBehaviour, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, Transport, identify, noise, tcp, yamux};
 use tokio::sync::{Semaphore, broadcast, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::identity::NodeIdentity;
+
+mod redial;
+pub use redial::{LOST_PEER_MEMORY, REDIAL_DELAY_MAX, REDIAL_DELAY_MIN, Redial};
 
 // ---------------------------------------------------------------------------------------
 // Limits and timings.
@@ -612,6 +621,11 @@ impl Membership {
     /// An empty table for the node `local`.
     pub fn new(local: PeerId) -> Self {
         Self { local, members: HashMap::new() }
+    }
+
+    /// Whether `peer` is a member.
+    pub fn contains(&self, peer: &PeerId) -> bool {
+        self.members.contains_key(peer)
     }
 
     /// Removes `peer` (its connection broke); true when it was a member.
@@ -1165,6 +1179,7 @@ impl Discovery {
             members_left: 0,
             members_expired: 0,
             members_lost: 0,
+            redial: Redial::default(),
             lost_members: lost_members.clone(),
         };
         let guard = stopped.clone().drop_guard();
@@ -1283,6 +1298,11 @@ pub fn describe_metrics() {
     describe_gauge!("cachemesh_dht_provided_keys", "Objects this node announces as provided.");
     describe_gauge!("cachemesh_dht_provide_queue", "Objects waiting to be published as provided.");
     describe_gauge!("cachemesh_p2p_connected_peers", "Peers with an open discovery connection.");
+    describe_gauge!(
+        "cachemesh_p2p_lost_peers",
+        "Peers whose discovery connection broke and that are being dialled again."
+    );
+    describe_counter!("cachemesh_p2p_redials_total", "Dials to peers whose discovery connection broke.");
     describe_gauge!("cachemesh_members", "Live members of the DC, this node excluded.");
     describe_counter!("cachemesh_dht_inbound_requests_total", "Kademlia requests answered, by kind.");
     describe_counter!("cachemesh_dht_outbound_queries_total", "Kademlia queries finished, by kind.");
@@ -1355,6 +1375,8 @@ struct Actor {
     members_expired: u64,
     members_lost: u64,
     lost_members: broadcast::Sender<PeerId>,
+    /// Lost peers to dial again, and members' addresses to dial them at.
+    redial: Redial,
 }
 
 impl Actor {
@@ -1383,7 +1405,10 @@ impl Actor {
                 }
                 () = sleep_until_some(next_lookup_deadline) => self.expire_lookups(),
                 _ = announce.tick() => self.announce(AnnouncementKind::Alive),
-                _ = redial.tick() => self.redial_bootstraps(),
+                _ = redial.tick() => {
+                    self.redial_bootstraps();
+                    self.redial_lost();
+                }
                 _ = housekeeping.tick() => self.housekeeping(),
             }
         }
@@ -1568,6 +1593,21 @@ impl Actor {
         }
     }
 
+    /// Dials the lost peers that are due ([`Redial`]): how the two sides of a healed
+    /// partition find each other again once their connections were given up.
+    fn redial_lost(&mut self) {
+        let (membership, swarm) = (&self.membership, &self.swarm);
+        self.redial.prune(|peer| membership.contains(peer) || swarm.is_connected(peer));
+        for (peer_id, addrs) in self.redial.due(Instant::now()) {
+            let options =
+                DialOpts::peer_id(peer_id).addresses(addrs).condition(PeerCondition::DisconnectedAndNotDialing).build();
+            metrics::counter!("cachemesh_p2p_redials_total").increment(1);
+            if let Err(error) = self.swarm.dial(options) {
+                tracing::debug!(%peer_id, %error, "redial of a lost peer not started");
+            }
+        }
+    }
+
     fn housekeeping(&mut self) {
         let expired = self.membership.expire(Instant::now());
         self.members_expired += expired.len() as u64;
@@ -1585,6 +1625,7 @@ impl Actor {
         metrics::gauge!("cachemesh_dht_provided_keys").set(store.provided_keys() as f64);
         metrics::gauge!("cachemesh_dht_provide_queue").set(self.publish_queue.len() as f64);
         metrics::gauge!("cachemesh_p2p_connected_peers").set(connected_peers as f64);
+        metrics::gauge!("cachemesh_p2p_lost_peers").set(self.redial.lost_count() as f64);
         metrics::gauge!("cachemesh_members").set(self.membership.len() as f64);
     }
 
@@ -1622,16 +1663,22 @@ impl Actor {
             // died or the network between us did. Drop it from the table at once, rather than
             // after MEMBER_EXPIRY, and tell the handles, so that requests in flight to it can
             // be abandoned; its next announcement adds it back.
-            SwarmEvent::ConnectionClosed { peer_id, num_established: 0, cause: Some(cause), .. }
-                if self.membership.remove(&peer_id) =>
-            {
-                self.members_lost += 1;
-                metrics::counter!("cachemesh_members_lost_total").increment(1);
-                tracing::info!(%peer_id, %cause, "member lost: its connection broke");
-                self.publish_members();
-                let _ = self.lost_members.send(peer_id);
+            // A member may have expired before its connection broke (announcements stop
+            // at once in a cut, TCP gives up later): it is redialled all the same.
+            SwarmEvent::ConnectionClosed { peer_id, num_established: 0, cause: Some(cause), .. } => {
+                if self.redial.broke(peer_id, Instant::now()) {
+                    tracing::debug!(%peer_id, "lost peer will be dialled again");
+                }
+                if self.membership.remove(&peer_id) {
+                    self.members_lost += 1;
+                    metrics::counter!("cachemesh_members_lost_total").increment(1);
+                    tracing::info!(%peer_id, %cause, "member lost: its connection broke");
+                    self.publish_members();
+                    let _ = self.lost_members.send(peer_id);
+                }
             }
             SwarmEvent::ConnectionEstablished { peer_id, connection_id, endpoint, .. } => {
+                self.redial.connected(&peer_id);
                 let mut joined_bootstrap = false;
                 for bootstrap in &mut self.bootstraps {
                     if bootstrap.dialing == Some(connection_id) {
@@ -1741,6 +1788,7 @@ impl Actor {
         match update {
             MembershipUpdate::Joined => {
                 tracing::info!(peer_id = %announcement.peer_id, data_addr = %announcement.data_addr, "member joined");
+                self.redial.learn(announcement.peer_id, &announcement.p2p_addrs);
                 let kad = &mut self.swarm.behaviour_mut().kad;
                 for address in announcement.p2p_addrs {
                     kad.add_address(&announcement.peer_id, address);
@@ -1749,6 +1797,7 @@ impl Actor {
             }
             MembershipUpdate::Left => {
                 self.members_left += 1;
+                self.redial.left(&announcement.peer_id);
                 tracing::info!(peer_id = %announcement.peer_id, "member left");
                 self.publish_members();
             }

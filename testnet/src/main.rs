@@ -154,6 +154,12 @@ struct RunArgs {
     /// node reads the object in order as it arrives.
     #[arg(long)]
     pin: bool,
+    /// partition only: hold the cut at least this long (counted from the moment it is made)
+    /// before healing it. A long cut outlasts the control plane's TCP connections and
+    /// retransmissions, so healing must redial rather than resume. 0: heal as soon as the
+    /// reads while cut are done.
+    #[arg(long, value_name = "SECONDS", default_value_t = 0)]
+    cut_seconds: u64,
     /// Keep the temporary root (nodes' data dirs, sockets, logs, the cluster key) instead
     /// of removing it at the end; its path is printed.
     #[arg(long)]
@@ -255,6 +261,9 @@ fn repeat_command(args: &RunArgs, seed: u64) -> String {
     if args.pin {
         line.push_str(" --pin");
     }
+    if args.cut_seconds > 0 {
+        line.push_str(&format!(" --cut-seconds {}", args.cut_seconds));
+    }
     if let Some(dir) = &args.bin_dir {
         line.push_str(&format!(" --bin-dir {}", dir.display()));
     }
@@ -297,6 +306,9 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
     if args.pin && args.scenario != Scenario::ColdStart {
         bail!("--pin is for cold-start only, not {}", args.scenario.name());
+    }
+    if args.cut_seconds > 0 && args.scenario != Scenario::Partition {
+        bail!("--cut-seconds is for partition only, not {}", args.scenario.name());
     }
     let bin_dir = match &args.bin_dir {
         Some(dir) => dir.clone(),
@@ -380,6 +392,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         timeout: Duration::from_secs(args.timeout),
         origin_only: args.origin_only,
         pin: args.pin,
+        cut: Duration::from_secs(args.cut_seconds),
         binaries,
         bin_dir,
         out: args.out.clone(),

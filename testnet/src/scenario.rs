@@ -350,6 +350,8 @@ pub struct Params {
     pub origin_only: bool,
     /// cold-start: each node pins the object (warms its cache in its own order), then reads it.
     pub pin: bool,
+    /// partition: how long the cut is held at least before it is healed.
+    pub cut: Duration,
     /// The binaries.
     pub binaries: Binaries,
     /// Where they came from.

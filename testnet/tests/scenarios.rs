@@ -387,6 +387,27 @@ fn partition_halves_go_on_alone_and_heal_into_one_mesh() {
 }
 
 #[test]
+fn partition_heals_after_a_cut_long_enough_to_break_every_connection_across_it() {
+    // Goal: a cut that outlasts TCP (here made to give up within seconds) closes the
+    // control-plane connections between the halves; once healed, the nodes dial the peers
+    // they lost and form one mesh again. Ten nodes, so that each node keeps four peers in
+    // its half: with fewer, its bootstrap redials alone would heal the mesh and the test
+    // could not tell. Elsewhere the testnet refuses (exit 2).
+    if can_emulate() {
+        assert_run_passes(
+            "partition",
+            "10",
+            "8MiB",
+            &["--cut-seconds", "30"],
+            &["halves_drop_each_other", "identical_bytes_while_cut", "mesh_heals", "identical_bytes_after_healing"],
+        );
+    } else {
+        let (output, _, out) = run_scenario("partition", "10", "8MiB", &["--cut-seconds", "30"]);
+        assert_eq!(output.status.code(), Some(2), "{}", explain(&output, out.path()));
+    }
+}
+
+#[test]
 fn rolling_restart_keeps_every_cache_and_nodes_advertise_again() {
     // Goal: every node stopped with SIGTERM and started again in turn exits cleanly,
     // rejoins, publishes its provider records again, and afterwards serves the whole object
@@ -502,6 +523,7 @@ fn help_lists_every_scenario_and_parameter() {
                 "--slow-rate",
                 "--origin-only",
                 "--pin",
+                "--cut-seconds",
             ] {
                 assert!(text.contains(flag), "run --help does not mention {flag}:\n{text}");
             }

@@ -17,7 +17,7 @@
 use std::time::Duration;
 
 use crate::data::Pattern;
-use crate::network::set_partition;
+use crate::network::{set_partition, set_tcp_retries};
 use crate::report::Report;
 use crate::transfer::{get_all, put};
 
@@ -30,6 +30,11 @@ use super::{
 /// see each other again once healed. A member is dropped when its connection breaks or
 /// its announcements stop for the daemon's `MEMBER_EXPIRY`; healing waits for a redial.
 pub const PARTITION_MEMBERSHIP_TIMEOUT: Duration = Duration::from_secs(90);
+/// `net.ipv4.tcp_retries2` in the nodes' namespaces when `--cut-seconds` is given: TCP
+/// gives a connection up after about 3 s of unanswered retransmissions (with the default,
+/// 15, after about 15 minutes), so a cut held for tens of seconds breaks every
+/// control-plane connection across it, as a long cut in a real DC does.
+pub const LONG_CUT_TCP_RETRIES: u32 = 3;
 /// Added to the seed for the object put after healing.
 const HEALED_SEED_OFFSET: u64 = 1;
 
@@ -48,8 +53,16 @@ pub(super) async fn partition(params: &Params, trial: &mut Trial, report: &mut R
     for row in &mut report.rows {
         row.role = if row.node == 0 { "put, half a".into() } else { format!("half {}", ["a", "b"][group[row.node]]) };
     }
+    if !params.cut.is_zero() {
+        set_tcp_retries(&params.places, LONG_CUT_TCP_RETRIES).await?;
+        report.notes.push(format!(
+            "long cut: net.ipv4.tcp_retries2 = {LONG_CUT_TCP_RETRIES} in every node's namespace, so TCP gives the \
+             control-plane connections across the cut up within it"
+        ));
+    }
     eprintln!("testnet: cutting the DC into {:?} and {:?}", halves[0], halves[1]);
     set_partition(&params.places, &group, true).await?;
+    let cut_at = std::time::Instant::now();
     let half_size = |index: usize| halves[group[index]].len() as u64;
     let all: Vec<usize> = (0..nodes).collect();
     let cut = wait_for_members(
@@ -79,13 +92,24 @@ pub(super) async fn partition(params: &Params, trial: &mut Trial, report: &mut R
         ));
     }
 
-    eprintln!("testnet: healing the cut");
+    let hold = params.cut.saturating_sub(cut_at.elapsed());
+    if !hold.is_zero() {
+        eprintln!(
+            "testnet: holding the cut for {:.0} s more (--cut-seconds {})",
+            hold.as_secs_f64(),
+            params.cut.as_secs()
+        );
+        tokio::time::sleep(hold).await;
+    }
+    let held = cut_at.elapsed();
+    eprintln!("testnet: healing the cut after {:.1} s", held.as_secs_f64());
     set_partition(&params.places, &group, false).await?;
     let everyone = nodes as u64 - 1;
     let healed =
         wait_for_members(&trial.testbed, &all, |_, members| members >= everyone, PARTITION_MEMBERSHIP_TIMEOUT).await;
     let reached = format!("every node saw all {everyone} others once the cut was healed");
     report.checks.push(membership_check("mesh_heals", &healed, &reached, PARTITION_MEMBERSHIP_TIMEOUT));
+    report.notes.push(format!("the cut was held {:.1} s before healing", held.as_secs_f64()));
 
     // The first node of the second half puts a fresh object; the whole fleet reads it. Were
     // the halves still apart, the first half would pull its own copy from the origin.
