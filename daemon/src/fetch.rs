@@ -32,6 +32,7 @@ use tokio::sync::{Semaphore, oneshot};
 use crate::chunk::VerifiedChunk;
 use crate::mesh::{Attempt, HOLDER_ATTEMPTS_MAX, Holders, Mesh};
 use crate::origin::{Origin, OriginError};
+use crate::relay::{Relay, RelayReader};
 use crate::store::{Store, StoreError};
 
 /// Where a chunk came from.
@@ -104,6 +105,23 @@ type Settled = Shared<BoxFuture<'static, ()>>;
 struct InFlight {
     answer: SharedFetch,
     settled: Settled,
+    /// The chunk as it arrives, for peers waiting on this node as its home.
+    relay: Option<Arc<Relay>>,
+}
+
+/// What this node, as a chunk's home, answers a peer with.
+pub enum HomeAnswer {
+    /// The verified chunk.
+    Whole(Bytes),
+    /// The chunk while it arrives (see `relay`), and the fetch's verified answer.
+    Arriving {
+        /// The chunk's length.
+        length: usize,
+        /// The arriving bytes.
+        reader: RelayReader,
+        /// The fetch's verified bytes.
+        answer: BoxFuture<'static, Result<Bytes, FetchError>>,
+    },
 }
 
 #[derive(Clone)]
@@ -119,7 +137,9 @@ impl Coalescer {
         Self { table: Arc::default(), pending_writes }
     }
 
-    fn join_or_start<F>(&self, id: ChunkId, start: impl FnOnce() -> F) -> InFlight
+    /// Joins the fetch of `id` in flight, or starts one with `start`, which is given the
+    /// new entry's relay when `relayed`.
+    fn join_or_start<F>(&self, id: ChunkId, relayed: bool, start: impl FnOnce(Option<Arc<Relay>>) -> F) -> InFlight
     where
         F: std::future::Future<Output = Result<Fetched, FetchError>> + Send + 'static,
     {
@@ -127,7 +147,8 @@ impl Coalescer {
         if let Some(fetch) = table.get(&id) {
             return fetch.clone();
         }
-        let work = start();
+        let relay = relayed.then(Relay::new);
+        let work = start(relay.clone());
         let table_handle = self.table.clone();
         let pending_writes = self.pending_writes.clone();
         let (answer, answered) = oneshot::channel();
@@ -161,7 +182,7 @@ impl Coalescer {
         }
         .boxed()
         .shared();
-        let entry = InFlight { answer, settled };
+        let entry = InFlight { answer, settled, relay };
         table.insert(id, entry.clone());
         entry
     }
@@ -268,7 +289,8 @@ impl Fetcher {
         }
         let fetcher = self.clone();
         let context = context.map(|(context, index)| (context.clone(), index));
-        let entry = self.in_flight.join_or_start(id, move || async move { fetcher.fetch_missing(id, context).await });
+        let entry =
+            self.in_flight.join_or_start(id, false, move |_| async move { fetcher.fetch_missing(id, context).await });
         let (bytes, source) = entry.answer.await?;
         record(source, started);
         Ok((bytes, source, Some(entry.settled)))
@@ -278,8 +300,38 @@ impl Fetcher {
     /// object `of` names (chunk index given), else from the origin. Serves peers that ask
     /// this node to fetch as the chunk's home; never forwards to another home node, so home
     /// requests cannot loop.
-    pub async fn home_chunk(&self, id: ChunkId, of: Option<(ObjectId, usize)>) -> Result<Bytes, FetchError> {
-        Ok(self.home_fetch(id, of).await?.0)
+    ///
+    /// When the fetch has started receiving the chunk before it is done, the answer is the
+    /// chunk as it arrives ([`HomeAnswer::Arriving`]), so the peer's copy follows this
+    /// node's a few pieces behind instead of a whole chunk's transfer later.
+    pub async fn home_chunk(&self, id: ChunkId, of: Option<(ObjectId, usize)>) -> Result<HomeAnswer, FetchError> {
+        if let Some(bytes) = self.store.read_chunk(&id).await.map_err(|error| FetchError::Store(Arc::new(error)))? {
+            return Ok(HomeAnswer::Whole(bytes));
+        }
+        let entry = self.home_in_flight_entry(id, of);
+        let Some(relay) = entry.relay else { return Ok(HomeAnswer::Whole(entry.answer.await?.0)) };
+        let mut reader = relay.reader();
+        let answer = entry.answer;
+        tokio::select! {
+            biased;
+            done = answer.clone() => Ok(HomeAnswer::Whole(done?.0)),
+            length = reader.length() => match length {
+                Ok(length) => {
+                    let answer = async move { answer.await.map(|(bytes, _)| bytes) }.boxed();
+                    Ok(HomeAnswer::Arriving { length, reader, answer })
+                }
+                Err(_) => Ok(HomeAnswer::Whole(answer.await?.0)),
+            },
+        }
+    }
+
+    fn home_in_flight_entry(&self, id: ChunkId, of: Option<(ObjectId, usize)>) -> InFlight {
+        let fetcher = self.clone();
+        self.home_in_flight.join_or_start(
+            id,
+            true,
+            move |relay| async move { fetcher.fetch_for_home(id, of, relay).await },
+        )
     }
 
     async fn home_fetch(
@@ -290,19 +342,31 @@ impl Fetcher {
         if let Some(bytes) = self.store.read_chunk(&id).await.map_err(|error| FetchError::Store(Arc::new(error)))? {
             return Ok((bytes, Source::Local, None));
         }
-        let fetcher = self.clone();
-        let entry = self.home_in_flight.join_or_start(id, move || async move { fetcher.fetch_for_home(id, of).await });
+        let entry = self.home_in_flight_entry(id, of);
         let (bytes, source) = entry.answer.await?;
         Ok((bytes, source, Some(entry.settled)))
     }
 
-    async fn fetch_for_home(&self, id: ChunkId, of: Option<(ObjectId, usize)>) -> Result<Fetched, FetchError> {
+    /// The home fetch proper; whatever answers first feeds `relay`.
+    async fn fetch_for_home(
+        &self,
+        id: ChunkId,
+        of: Option<(ObjectId, usize)>,
+        relay: Option<Arc<Relay>>,
+    ) -> Result<Fetched, FetchError> {
         if let (Some(mesh), Some((object, index))) = (self.mesh.get().cloned(), of)
-            && let Some(chunk) = mesh.fetch_from_holders(object, index, id).await
+            && let Some(chunk) = mesh.fetch_from_holders(object, index, id, relay.as_ref()).await
         {
             return Ok(self.keep(chunk, Source::Peer, Some(object)));
         }
-        self.fetch_from_origin(id, of.map(|(object, _)| object)).await
+        let object = of.map(|(object, _)| object);
+        tracing::debug!(chunk = %id, "home fetch: no holder gave the chunk; fetching it from the origin");
+        let chunk = match self.origin.get_chunk(&id, relay.as_ref()).await {
+            Ok(chunk) => chunk,
+            Err(OriginError::NotFound { .. }) => return Err(FetchError::NotFound(id)),
+            Err(error) => return Err(FetchError::Origin(Arc::new(error))),
+        };
+        Ok(self.keep(chunk, Source::Origin, object))
     }
 
     /// This node, as the chunk's home, gets it (coalesced with peers' home requests); the
@@ -385,6 +449,7 @@ impl Fetcher {
             }
         }
         // Every home candidate failed: go to the origin ourselves.
+        tracing::debug!(chunk = %id, "every home candidate failed; fetching the chunk from the origin");
         self.fetch_from_origin(id, context.as_ref().map(|context| context.object)).await
     }
 
@@ -410,7 +475,7 @@ impl Fetcher {
     }
 
     async fn fetch_from_origin(&self, id: ChunkId, object: Option<ObjectId>) -> Result<Fetched, FetchError> {
-        let chunk = match self.origin.get_chunk(&id).await {
+        let chunk = match self.origin.get_chunk(&id, None).await {
             Ok(chunk) => chunk,
             Err(OriginError::NotFound { .. }) => return Err(FetchError::NotFound(id)),
             Err(error) => return Err(FetchError::Origin(Arc::new(error))),

@@ -19,6 +19,7 @@ pub mod objects;
 pub mod origin;
 pub mod picker;
 pub mod placement;
+pub mod relay;
 pub mod store;
 pub mod transport;
 pub mod volume;

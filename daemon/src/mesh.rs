@@ -14,7 +14,8 @@
 //!   wins. A peer that sends corrupt bytes is penalised for [`PEER_PENALTY`].
 //! - While a reader waits on a chunk's home node, it looks again for holders now and then
 //!   ([`Mesh::race`]): readers served before it hold the chunk too. A home fetching from
-//!   holders waits its turn in their lines for upload slots rather than go to the origin.
+//!   holders waits its turn in their lines for upload slots rather than go to the origin,
+//!   and passes the chunk on to the peers waiting on it while it arrives ([`crate::relay`]).
 //! - Holders of an object are its DHT providers plus the peers that asked this node for
 //!   its have-set: a peer asking is fetching the object and serves what it has so far.
 //! - The home order of a chunk (rendezvous hashing over the live members and this node)
@@ -42,11 +43,12 @@ use tokio_util::sync::CancellationToken;
 use crate::chunk::VerifiedChunk;
 pub use crate::discovery::parse_listen_addr;
 use crate::discovery::{BootstrapAddr, Discovery, DiscoveryConfig};
-use crate::fetch::{FetchError, Fetcher, Source};
+use crate::fetch::{FetchError, Fetcher, HomeAnswer, Source};
 use crate::hedge::HedgePolicy;
 use crate::identity::{ClusterKey, NodeIdentity};
 use crate::placement::{Position, home_order};
-use crate::transport::{ChunkService, DataPlane, DataPlaneConfig, HomeFetchError, PeerError, PeerTarget};
+use crate::relay::Relay;
+use crate::transport::{ChunkService, DataPlane, DataPlaneConfig, HomeChunk, HomeFetchError, PeerError, PeerTarget};
 
 /// How long a have-set answer is trusted to say a holder lacks a chunk: holders that are
 /// still downloading gain chunks quickly.
@@ -139,7 +141,7 @@ struct PeerLoad {
 }
 
 /// A have-set bitmap and when it was fetched.
-type CachedHaveSet = (Instant, Arc<Vec<u8>>);
+type CachedHaveSet = (Instant, Arc<HaveSet>);
 
 struct HolderCache {
     providers: LruCache<ObjectId, (Instant, Vec<PeerId>)>,
@@ -158,7 +160,7 @@ struct SingleFlight<K, V: Clone> {
 type Flight<V> = Shared<BoxFuture<'static, Option<V>>>;
 
 /// A have-set answer as shared between callers.
-type HaveSetAnswer = Result<Arc<Vec<u8>>, PeerError>;
+type HaveSetAnswer = Result<Arc<HaveSet>, PeerError>;
 
 impl<K, V> SingleFlight<K, V>
 where
@@ -223,12 +225,13 @@ pub struct Holders {
 }
 
 /// What a chunk request asks of a peer.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 enum Ask {
     /// A reader asks a holder (which may answer `Busy`).
     Holder,
-    /// A home node asks a holder (which serves it in turn, never `Busy` for its line).
-    HolderForHome,
+    /// A home node asks a holder (which serves it in turn, never `Busy` for its line); the
+    /// answer feeds the home's relay.
+    HolderForHome(Option<Arc<Relay>>),
     /// A reader asks the chunk's home node, naming the object and index if known.
     Home(Option<(ObjectId, u32)>),
 }
@@ -238,8 +241,9 @@ enum Ask {
 pub enum Attempt {
     /// Ask a peer that holds it.
     Holder(PeerTarget),
-    /// Ask a peer that holds it, for this node as the chunk's home (waits in its line).
-    HolderForHome(PeerTarget),
+    /// Ask a peer that holds it, for this node as the chunk's home (waits in its line),
+    /// feeding the relay of the home fetch if given.
+    HolderForHome(PeerTarget, Option<Arc<Relay>>),
     /// Ask the chunk's home node, naming the object and index it is read for if known.
     Home(PeerTarget, Option<(ObjectId, usize)>),
 }
@@ -247,18 +251,29 @@ pub enum Attempt {
 impl Attempt {
     fn peer(&self) -> &PeerTarget {
         match self {
-            Self::Holder(peer) | Self::HolderForHome(peer) | Self::Home(peer, _) => peer,
+            Self::Holder(peer) | Self::HolderForHome(peer, _) | Self::Home(peer, _) => peer,
         }
     }
 }
 
-/// Whether a have-set looks like a whole object: its set bits are exactly a prefix that ends
-/// in its last byte. The bitmap is ceil(chunks / 8) bytes, so a holder that lacks only some of
-/// the last byte's chunks counts too; only the order in which holders are asked depends on it.
-fn have_set_is_complete(bitmap: &[u8]) -> bool {
-    match bitmap.split_last() {
-        None => false,
-        Some((last, full)) => full.iter().all(|byte| *byte == 0xff) && *last != 0 && last & last.wrapping_add(1) == 0,
+/// A peer's have-set of one object: which of its `chunk_count` chunks it holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct HaveSet {
+    chunk_count: u32,
+    bitmap: Vec<u8>,
+}
+
+impl HaveSet {
+    fn contains(&self, index: usize) -> bool {
+        index < self.chunk_count as usize && have_set_contains(&self.bitmap, index)
+    }
+
+    /// Whether the peer holds every chunk. Exact: a reader that has read all but the last
+    /// few chunks in order is still fetching them, and a reader that took it for a whole
+    /// holder would route around the chunks' homes (measured: duplicate origin fetches at
+    /// the end of a cold start).
+    fn is_complete(&self) -> bool {
+        self.chunk_count > 0 && (0..self.chunk_count as usize).all(|index| have_set_contains(&self.bitmap, index))
     }
 }
 
@@ -320,13 +335,24 @@ impl ChunkService for Serve {
         self.fetcher.store().read_chunk(&id).await.ok().flatten()
     }
 
-    async fn home_fetch(&self, id: ChunkId, of: Option<(ObjectId, u32)>) -> Result<Bytes, HomeFetchError> {
+    async fn home_fetch(&self, id: ChunkId, of: Option<(ObjectId, u32)>) -> Result<HomeChunk, HomeFetchError> {
         let of = of.map(|(object, index)| (object, index as usize));
-        self.fetcher.home_chunk(id, of).await.map_err(|error| match error {
-            FetchError::NotFound(_) => HomeFetchError::NotFound,
-            FetchError::Origin(origin) => HomeFetchError::OriginUnavailable(origin.to_string()),
-            other => HomeFetchError::Internal(other.to_string()),
-        })
+        match self.fetcher.home_chunk(id, of).await.map_err(home_fetch_error)? {
+            HomeAnswer::Whole(bytes) => Ok(HomeChunk::Whole(bytes)),
+            HomeAnswer::Arriving { length, reader, answer } => Ok(HomeChunk::Arriving {
+                length,
+                reader,
+                answer: answer.map(|answer| answer.map_err(home_fetch_error)).boxed(),
+            }),
+        }
+    }
+}
+
+fn home_fetch_error(error: FetchError) -> HomeFetchError {
+    match error {
+        FetchError::NotFound(_) => HomeFetchError::NotFound,
+        FetchError::Origin(origin) => HomeFetchError::OriginUnavailable(origin.to_string()),
+        other => HomeFetchError::Internal(other.to_string()),
     }
 }
 
@@ -557,7 +583,7 @@ impl Mesh {
 
     /// `peer`'s have-set of `object`, from the cache when it can still answer for chunk
     /// `index`, else from one request shared by concurrent callers.
-    async fn have_set(&self, peer: &PeerTarget, object: ObjectId, index: usize) -> Option<Arc<Vec<u8>>> {
+    async fn have_set(&self, peer: &PeerTarget, object: ObjectId, index: usize) -> Option<Arc<HaveSet>> {
         self.have_set_within(peer, object, index, HAVE_SET_TTL).await
     }
 
@@ -569,18 +595,18 @@ impl Mesh {
         object: ObjectId,
         index: usize,
         ttl: Duration,
-    ) -> Option<Arc<Vec<u8>>> {
-        if let Some((at, bitmap)) = self.lock_holders().have_sets.get(&(peer.peer_id, object)) {
+    ) -> Option<Arc<HaveSet>> {
+        if let Some((at, have_set)) = self.lock_holders().have_sets.get(&(peer.peer_id, object)) {
             let age = at.elapsed();
-            if age < ttl || (age < HAVE_SET_POSITIVE_TTL && have_set_contains(bitmap, index)) {
-                return Some(bitmap.clone());
+            if age < ttl || (age < HAVE_SET_POSITIVE_TTL && have_set.contains(index)) {
+                return Some(have_set.clone());
             }
         }
         let plane = self.data_plane.clone();
         let target = *peer;
         let request = self.have_set_requests.run((peer.peer_id, object), move || async move {
             metrics::counter!("cachemesh_have_set_requests_total").increment(1);
-            plane.have_set(&target, object).await.map(|(_, bitmap)| Arc::new(bitmap))
+            plane.have_set(&target, object).await.map(|(chunk_count, bitmap)| Arc::new(HaveSet { chunk_count, bitmap }))
         });
         match request.await {
             Some(Ok(bitmap)) => {
@@ -604,16 +630,21 @@ impl Mesh {
     ///
     /// This is the home path: the requests wait their turn in each holder's line for upload
     /// slots (`GetChunkForHome`) rather than being turned away, since the alternative is the
-    /// origin for a chunk the DC holds.
+    /// origin for a chunk the DC holds. The first answer to arrive feeds `relay`.
     pub async fn fetch_from_holders(
         self: &Arc<Self>,
         object: ObjectId,
         index: usize,
         chunk: ChunkId,
+        relay: Option<&Arc<Relay>>,
     ) -> Option<VerifiedChunk> {
         let Holders { mut partial, complete } = self.holders(object, index).await;
         partial.extend(complete);
-        let attempts = partial.into_iter().take(HOLDER_ATTEMPTS_MAX).map(Attempt::HolderForHome).collect();
+        let attempts = partial
+            .into_iter()
+            .take(HOLDER_ATTEMPTS_MAX)
+            .map(|holder| Attempt::HolderForHome(holder, relay.cloned()))
+            .collect();
         self.race(attempts, chunk, None).await.map(|(chunk, _)| chunk)
     }
 
@@ -635,14 +666,14 @@ impl Mesh {
             tokio::time::timeout(HAVE_SET_WAIT, have_set).await.ok().flatten()
         }))
         .await;
-        for bitmap in have_sets.into_iter().flatten() {
-            if have_set_is_complete(&bitmap) {
+        for have_set in have_sets.into_iter().flatten() {
+            if have_set.is_complete() {
                 availability.whole_holders += 1;
                 continue;
             }
             availability.fetching_peers += 1;
             for (index, count) in availability.holders.iter_mut().enumerate() {
-                if have_set_contains(&bitmap, index) {
+                if have_set.contains(index) {
                     *count = count.saturating_add(1);
                 }
             }
@@ -697,11 +728,14 @@ impl Mesh {
             match tokio::time::timeout(HAVE_SET_WAIT, self.have_set(target, object, index)).await {
                 Ok(bitmap) => bitmap,
                 Err(_) => {
-                    // Too slow to answer a tiny request: gone, or busy on a saturated link.
-                    // Skip it this time either way; avoid it for a while only when its
-                    // connection is gone too, since avoiding a live but busy holder sends
-                    // readers to the origin for chunks the DC has.
-                    if !self.data_plane.is_connected(&target.peer_id) {
+                    // Too slow to answer a tiny request: gone, or busy on a saturated link,
+                    // or still being connected to. Skip it this time either way; avoid it
+                    // for a while only when its connection is gone, since avoiding a live
+                    // peer sends readers past it: to the next home for chunks it is home
+                    // to, which fetches them from the origin a second time (measured: up
+                    // to 12 of 64 chunks twice when the first requests of a cold start were
+                    // still connecting).
+                    if !self.data_plane.is_connected_or_connecting(&target.peer_id) {
                         self.avoid(&target.peer_id, PEER_UNREACHABLE_BACKOFF);
                     }
                     None
@@ -715,11 +749,11 @@ impl Mesh {
                 .into_iter()
                 .zip(have_sets)
                 .filter_map(|(target, bitmap)| {
-                    let bitmap = bitmap.filter(|bitmap| have_set_contains(bitmap, index))?;
+                    let have_set = bitmap.filter(|have_set| have_set.contains(index))?;
                     let state = load.get(&target.peer_id);
                     let penalised = state.and_then(|state| state.penalised_until).is_some_and(|until| until > now);
                     let in_flight = state.map_or(0, |state| state.in_flight);
-                    (!penalised).then(|| (in_flight, have_set_is_complete(&bitmap), target))
+                    (!penalised).then(|| (in_flight, have_set.is_complete(), target))
                 })
                 .collect()
         };
@@ -811,7 +845,7 @@ impl Mesh {
     ) -> (Option<(VerifiedChunk, Source)>, bool) {
         let (peer, ask, source) = match attempt {
             Attempt::Holder(peer) => (peer, Ask::Holder, Source::Peer),
-            Attempt::HolderForHome(peer) => (peer, Ask::HolderForHome, Source::Peer),
+            Attempt::HolderForHome(peer, relay) => (peer, Ask::HolderForHome(relay), Source::Peer),
             Attempt::Home(peer, of) => {
                 if self.avoided(&peer.peer_id, Instant::now()) {
                     return (None, is_hedge);
@@ -845,12 +879,12 @@ impl Mesh {
     /// chunk's home node); records the peer's load, penalises corrupt or unreachable peers.
     async fn request(&self, peer: &PeerTarget, chunk: ChunkId, ask: Ask) -> Option<VerifiedChunk> {
         let in_flight = InFlight::start(self, peer.peer_id);
+        let home = matches!(ask, Ask::Home(_));
         let result = match ask {
             Ask::Home(of) => self.data_plane.home_fetch(peer, chunk, of).await,
             Ask::Holder => self.data_plane.get_chunk(peer, chunk).await,
-            Ask::HolderForHome => self.data_plane.get_chunk_for_home(peer, chunk).await,
+            Ask::HolderForHome(relay) => self.data_plane.get_chunk_for_home(peer, chunk, relay.as_ref()).await,
         };
-        let home = matches!(ask, Ask::Home(_));
         drop(in_flight);
         let mut load = self.lock_load();
         let state = load.entry(peer.peer_id).or_default();
@@ -920,13 +954,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn complete_have_sets_are_a_full_prefix() {
-        assert!(have_set_is_complete(&[0xff, 0xff, 0x07]));
-        assert!(have_set_is_complete(&[0x01]));
-        assert!(have_set_is_complete(&[0xff]));
-        assert!(!have_set_is_complete(&[]));
-        assert!(!have_set_is_complete(&[0xff, 0x00]));
-        assert!(!have_set_is_complete(&[0xfe, 0x07]));
-        assert!(!have_set_is_complete(&[0xff, 0x05]));
+    fn complete_have_sets_hold_every_chunk() {
+        let have = |chunk_count, bitmap: &[u8]| HaveSet { chunk_count, bitmap: bitmap.to_vec() };
+        assert!(have(19, &[0xff, 0xff, 0x07]).is_complete());
+        assert!(have(1, &[0x01]).is_complete());
+        assert!(have(8, &[0xff]).is_complete());
+        assert!(!have(0, &[]).is_complete());
+        assert!(!have(16, &[0xff, 0x00]).is_complete());
+        assert!(!have(11, &[0xfe, 0x07]).is_complete());
+        assert!(!have(11, &[0xff, 0x05]).is_complete());
+        // A reader that has read 61 of 64 chunks in order is not a whole holder.
+        assert!(!have(64, &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x1f]).is_complete());
+        assert!(have(64, &[0xff; 8]).is_complete());
+        assert!(!have(3, &[0x07]).contains(3) && have(3, &[0x07]).contains(2));
     }
 }

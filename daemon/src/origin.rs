@@ -22,14 +22,16 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use cachemesh_proto::limits::{CHUNK_BYTES_MAX, MANIFEST_BYTES_MAX};
 use cachemesh_proto::{ChunkId, Manifest, ObjectId};
+use futures::StreamExt;
 use object_store::path::Path as StorePath;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use tokio::sync::Semaphore;
 
 use crate::chunk::VerifiedChunk;
+use crate::relay::{Relay, RelayFeed};
 
 /// Retries of one origin request after a transient failure.
 pub const ORIGIN_RETRIES_MAX: usize = 3;
@@ -166,23 +168,49 @@ impl Origin {
     }
 
     async fn get_bounded(&self, key: &StorePath, limit: u64) -> Result<Bytes, OriginError> {
+        Ok(self.get_bounded_relayed(key, limit, None).await?.0)
+    }
+
+    /// Like `get_bounded`; when `relay` is given and not fed yet, the body also feeds it
+    /// as it arrives (the feed is returned, for the caller to finish once it verified).
+    async fn get_bounded_relayed(
+        &self,
+        key: &StorePath,
+        limit: u64,
+        relay: Option<&Arc<Relay>>,
+    ) -> Result<(Bytes, Option<RelayFeed>), OriginError> {
         let _permit = self.permit().await;
         let started = Instant::now();
         metrics::counter!("cachemesh_origin_requests_total", "op" => "get").increment(1);
         let result = async {
             let response = self.store.get(key).await?;
-            if response.meta.size > limit {
-                return Ok(Err(response.meta.size));
+            let size = response.meta.size;
+            if size > limit {
+                return Ok(Err(size));
             }
-            response.bytes().await.map(Ok)
+            // `size <= limit`, and every limit here fits in memory.
+            let Some(mut feed) = relay.and_then(|relay| relay.claim(size as usize)) else {
+                return response.bytes().await.map(|bytes| Ok((bytes, None)));
+            };
+            let mut body = BytesMut::with_capacity(size as usize);
+            let mut stream = response.into_stream();
+            while let Some(piece) = stream.next().await {
+                let piece = piece?;
+                if (body.len() + piece.len()) as u64 > limit {
+                    return Ok(Err((body.len() + piece.len()) as u64));
+                }
+                body.extend_from_slice(&piece);
+                feed.push(&piece);
+            }
+            Ok(Ok((body.freeze(), Some(feed))))
         }
         .await;
         metrics::histogram!("cachemesh_origin_request_seconds", "op" => "get").record(started.elapsed().as_secs_f64());
         match result {
-            Ok(Ok(bytes)) => {
+            Ok(Ok((bytes, feed))) => {
                 metrics::counter!("cachemesh_origin_bytes_total", "direction" => "download")
                     .increment(bytes.len() as u64);
-                Ok(bytes)
+                Ok((bytes, feed))
             }
             Ok(Err(size)) => Err(OriginError::TooLarge { key: key.to_string(), size }),
             Err(object_store::Error::NotFound { .. }) => Err(OriginError::NotFound { key: key.to_string() }),
@@ -194,13 +222,19 @@ impl Origin {
     }
 
     /// Fetches a chunk and checks its hash.
-    pub async fn get_chunk(&self, id: &ChunkId) -> Result<VerifiedChunk, OriginError> {
+    /// With `relay`, the chunk also feeds it while it downloads (see [`Relay::claim`]); the
+    /// feed ends verified only if the chunk checks.
+    pub async fn get_chunk(&self, id: &ChunkId, relay: Option<&Arc<Relay>>) -> Result<VerifiedChunk, OriginError> {
         let key = chunk_key(id);
-        let bytes = self.get_bounded(&key, u64::from(CHUNK_BYTES_MAX)).await?;
-        VerifiedChunk::check(*id, bytes).map_err(|_| {
+        let (bytes, feed) = self.get_bounded_relayed(&key, u64::from(CHUNK_BYTES_MAX), relay).await?;
+        let chunk = VerifiedChunk::check(*id, bytes).map_err(|_| {
             metrics::counter!("cachemesh_verify_failures_total", "source" => "origin").increment(1);
             OriginError::Corrupt { key: key.to_string() }
-        })
+        })?;
+        if let Some(feed) = feed {
+            feed.finish(&chunk);
+        }
+        Ok(chunk)
     }
 
     /// Fetches a manifest, checks it hashes to `id` and decodes it.

@@ -64,6 +64,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::chunk::VerifiedChunk;
 use crate::identity::{NodeIdentity, verify_signature};
+use crate::relay::{Relay, RelayFeed, RelayReader};
 
 // ---------------------------------------------------------------------------------------
 // Limits and transport settings.
@@ -218,6 +219,11 @@ pub const UPLOAD_SLOTS: usize = 3;
 /// Readers' chunk requests are answered `Busy` while this many chunk answers wait for a
 /// slot (a home's `GetChunkForHome` always waits its turn).
 pub const UPLOAD_WAITING_BUSY_AFTER: usize = UPLOAD_SLOTS;
+/// Answers a home sends while their chunk is still arriving (cut-through), besides the
+/// upload slots. Such an answer goes at the pace of the home's own download, which may be
+/// a small share of a busy origin's link: in an upload slot it would keep the slot from
+/// chunks that are all here. Requesters beyond these wait in the line for the whole chunk.
+pub const RELAY_SLOTS: usize = 2;
 
 /// Bytes of a chunk written between two draws on the upload budget.
 pub const UPLOAD_SLICE_BYTES: usize = 64 * 1024;
@@ -250,6 +256,10 @@ pub const CLOSE_BUSY: VarInt = VarInt::from_u32(3);
 pub const CLOSE_PEER_GONE: VarInt = VarInt::from_u32(4);
 /// Stream reset code: the request was abandoned (timeout, malformed, shutting down).
 pub const STREAM_ABANDONED: VarInt = VarInt::from_u32(1);
+/// Stream reset code: a home gave up a chunk it was passing on while it arrived (its source
+/// sent corrupt bytes, and its verified copy differs from what was sent); asking the home
+/// again gets the verified copy.
+pub const STREAM_RELAY_FAILED: VarInt = VarInt::from_u32(2);
 
 /// Priority of have-set answers over chunk bytes on one connection: they are small and
 /// steer where the next chunks are fetched from.
@@ -282,12 +292,38 @@ pub trait ChunkService: Send + Sync + 'static {
     fn local_chunk(&self, id: ChunkId) -> impl Future<Output = Option<Bytes>> + Send;
     /// As home node: the chunk from the local store, else (when `of` names an object and
     /// the chunk's index in it) from holders of that object, else the origin; coalesced,
-    /// verified.
+    /// verified, or passed on while it arrives ([`HomeChunk::Arriving`]).
     fn home_fetch(
         &self,
         id: ChunkId,
         of: Option<(ObjectId, u32)>,
-    ) -> impl Future<Output = Result<Bytes, HomeFetchError>> + Send;
+    ) -> impl Future<Output = Result<HomeChunk, HomeFetchError>> + Send;
+}
+
+/// What a home fetch answers a peer with.
+pub enum HomeChunk {
+    /// The verified chunk.
+    Whole(Bytes),
+    /// The chunk as it arrives at this node (cut-through): sent on piece by piece, the last
+    /// only once this node verified it.
+    Arriving {
+        /// The chunk's length.
+        length: usize,
+        /// The arriving bytes.
+        reader: RelayReader,
+        /// The fetch's verified answer, to finish from when the relay fails part way (its
+        /// feed lost a race or broke, and another source answered).
+        answer: futures::future::BoxFuture<'static, Result<Bytes, HomeFetchError>>,
+    },
+}
+
+impl std::fmt::Debug for HomeChunk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Whole(bytes) => f.debug_tuple("Whole").field(&bytes.len()).finish(),
+            Self::Arriving { length, .. } => f.debug_struct("Arriving").field("length", length).finish_non_exhaustive(),
+        }
+    }
 }
 
 /// Why a home fetch failed on the serving node.
@@ -455,6 +491,10 @@ pub enum PeerError {
     /// The peer broke the protocol.
     #[error("protocol violation by the peer: {0}")]
     Protocol(String),
+    /// The home gave up a chunk it passed on while it arrived; asking again gets the
+    /// verified copy.
+    #[error("the home gave up relaying the chunk")]
+    RelayFailed,
     /// The peer refused with another status.
     #[error("the peer refused ({status:?}): {message}")]
     Remote {
@@ -476,6 +516,7 @@ impl PeerError {
             Self::Corrupt { .. } => "corrupt",
             Self::Timeout => "timeout",
             Self::Protocol(_) => "protocol",
+            Self::RelayFailed => "relay_failed",
             Self::Remote { .. } => "remote",
         }
     }
@@ -485,6 +526,10 @@ impl PeerError {
 pub fn describe_metrics() {
     use metrics::{Unit, describe_counter, describe_gauge};
     describe_counter!("cachemesh_peer_upload_bytes_total", Unit::Bytes, "Chunk bytes sent to peers.");
+    describe_counter!(
+        "cachemesh_relayed_chunks_total",
+        "Home fetches answered while the chunk arrived (cut-through), by outcome: relayed, finished_whole (the relay failed, the verified answer finished it), abandoned."
+    );
     describe_counter!("cachemesh_peer_download_bytes_total", Unit::Bytes, "Chunk bytes received from peers.");
     describe_counter!(
         "cachemesh_peer_requests_served_total",
@@ -596,6 +641,7 @@ impl DataPlane {
             upload,
             serving: Arc::new(Semaphore::new(SERVE_REQUESTS_MAX)),
             upload_line: UploadLine::new(UPLOAD_SLOTS, UPLOAD_WAITING_BUSY_AFTER),
+            relay_slots: Arc::new(Semaphore::new(RELAY_SLOTS)),
             connections: Arc::new(Semaphore::new(CONNECTIONS_MAX)),
             peer_loads: Arc::new(Mutex::new(HashMap::new())),
             shutdown: shutdown.clone(),
@@ -622,14 +668,14 @@ impl DataPlane {
     }
 
     /// Whether an admitted connection to `peer` is open and not closed (as far as QUIC
-    /// knows: a dead peer's connection closes within [`IDLE_TIMEOUT`]). Never waits: a slot
-    /// busy connecting counts as not connected.
-    pub fn is_connected(&self, peer: &PeerId) -> bool {
+    /// knows: a dead peer's connection closes within [`IDLE_TIMEOUT`]), or one is being set
+    /// up (its slot is busy connecting). Never waits. A peer not yet asked anything, or
+    /// whose connection closed, is neither.
+    pub fn is_connected_or_connecting(&self, peer: &PeerId) -> bool {
         let slot = self.shared.peers.lock().unwrap_or_else(PoisonError::into_inner).get(peer).cloned();
-        slot.is_some_and(|slot| {
-            slot.try_lock().is_ok_and(|state| {
-                state.connection.as_ref().is_some_and(|connection| connection.close_reason().is_none())
-            })
+        slot.is_some_and(|slot| match slot.try_lock() {
+            Err(_) => true,
+            Ok(state) => state.connection.as_ref().is_some_and(|connection| connection.close_reason().is_none()),
         })
     }
 
@@ -668,10 +714,10 @@ impl DataPlane {
 
     /// The have-set of `object` at `peer`: (chunk_count, bitmap LSB-first).
     pub async fn have_set(&self, peer: &PeerTarget, object: ObjectId) -> Result<(u32, Vec<u8>), PeerError> {
-        let answer = self.request(peer, Request::HaveSet(object), REQUEST_TIMEOUT).await;
+        let answer = self.request(peer, Request::HaveSet(object), REQUEST_TIMEOUT, None).await;
         let result = match answer {
             Ok(Answer::HaveSet { chunk_count, bitmap }) => Ok((chunk_count, bitmap)),
-            Ok(Answer::Chunk(_)) => Err(PeerError::Protocol("a chunk answered a have-set request".into())),
+            Ok(Answer::Chunk(..)) => Err(PeerError::Protocol("a chunk answered a have-set request".into())),
             Err(error) => Err(error),
         };
         count_peer_error(peer, result)
@@ -680,16 +726,23 @@ impl DataPlane {
     /// Chunk `id`, whole, from `peer`; verified against its id.
     pub async fn get_chunk(&self, peer: &PeerTarget, id: ChunkId) -> Result<VerifiedChunk, PeerError> {
         let request = Request::GetChunk { id, offset: 0, length: 0 };
-        let result = self.request(peer, request, REQUEST_TIMEOUT).await.and_then(|answer| verified(answer, id));
+        let result = self.request(peer, request, REQUEST_TIMEOUT, None).await.and_then(|answer| verified(answer, id));
         count_peer_error(peer, result)
     }
 
     /// Chunk `id`, whole and verified, from `peer`, for this node as the chunk's home: the
     /// peer serves it when an upload slot is free, however long its line, and never answers
-    /// `Busy` for the line's sake.
-    pub async fn get_chunk_for_home(&self, peer: &PeerTarget, id: ChunkId) -> Result<VerifiedChunk, PeerError> {
+    /// `Busy` for the line's sake. When `relay` is given and no other attempt feeds it yet,
+    /// the bytes are also fed into it as they arrive, for the peers waiting on this node.
+    pub async fn get_chunk_for_home(
+        &self,
+        peer: &PeerTarget,
+        id: ChunkId,
+        relay: Option<&Arc<Relay>>,
+    ) -> Result<VerifiedChunk, PeerError> {
         let request = Request::GetChunkForHome(id);
-        let result = self.request(peer, request, HOME_FETCH_TIMEOUT).await.and_then(|answer| verified(answer, id));
+        let result =
+            self.request(peer, request, HOME_FETCH_TIMEOUT, relay).await.and_then(|answer| verified(answer, id));
         count_peer_error(peer, result)
     }
 
@@ -705,19 +758,33 @@ impl DataPlane {
             Some((object, index)) => Request::HomeFetchOf { id, object, index },
             None => Request::HomeFetch(id),
         };
-        let result = self.request(peer, request, HOME_FETCH_TIMEOUT).await.and_then(|answer| verified(answer, id));
+        let ask = || async {
+            self.request(peer, request, HOME_FETCH_TIMEOUT, None).await.and_then(|answer| verified(answer, id))
+        };
+        let result = match ask().await {
+            // Once: the home has the verified chunk by now.
+            Err(PeerError::RelayFailed) => ask().await,
+            other => other,
+        };
         count_peer_error(peer, result)
     }
 
-    /// One request, retried once on a fresh connection when a cached one turns out dead.
-    async fn request(&self, peer: &PeerTarget, request: Request, limit: Duration) -> Result<Answer, PeerError> {
+    /// One request, retried once on a fresh connection when a cached one turns out dead;
+    /// a chunk answer feeds `relay` when given (see [`Relay::claim`]).
+    async fn request(
+        &self,
+        peer: &PeerTarget,
+        request: Request,
+        limit: Duration,
+        relay: Option<&Arc<Relay>>,
+    ) -> Result<Answer, PeerError> {
         let attempt = async {
             let (connection, fresh) = self.connection(peer).await?;
-            match exchange(&connection, request).await {
+            match exchange(&connection, request, relay).await {
                 Err(ExchangeError::Lost(detail)) if !fresh => {
                     tracing::debug!(peer = %peer.peer_id, %detail, "cached connection was dead; reconnecting");
                     let (connection, _) = self.connection(peer).await?;
-                    exchange(&connection, request).await.map_err(ExchangeError::into_peer_error)
+                    exchange(&connection, request, relay).await.map_err(ExchangeError::into_peer_error)
                 }
                 other => other.map_err(ExchangeError::into_peer_error),
             }
@@ -814,7 +881,14 @@ fn count_peer_error<T>(peer: &PeerTarget, result: Result<T, PeerError>) -> Resul
 
 fn verified(answer: Answer, id: ChunkId) -> Result<VerifiedChunk, PeerError> {
     match answer {
-        Answer::Chunk(bytes) => VerifiedChunk::check(id, bytes).map_err(|_| PeerError::Corrupt { chunk: id }),
+        Answer::Chunk(bytes, feed) => {
+            // A feed dropped unfinished (corrupt bytes) fails its relay.
+            let chunk = VerifiedChunk::check(id, bytes).map_err(|_| PeerError::Corrupt { chunk: id })?;
+            if let Some(feed) = feed {
+                feed.finish(&chunk);
+            }
+            Ok(chunk)
+        }
         Answer::HaveSet { .. } => Err(PeerError::Protocol("a have-set answered a chunk request".into())),
     }
 }
@@ -1135,8 +1209,12 @@ async fn read_frame<T>(
 // ---------------------------------------------------------------------------------------
 
 enum Answer {
-    Chunk(Bytes),
-    HaveSet { chunk_count: u32, bitmap: Vec<u8> },
+    /// The body (unverified), and the relay it was fed into, if any.
+    Chunk(Bytes, Option<RelayFeed>),
+    HaveSet {
+        chunk_count: u32,
+        bitmap: Vec<u8>,
+    },
 }
 
 enum ExchangeError {
@@ -1163,13 +1241,19 @@ impl From<PeerError> for ExchangeError {
 fn read_error(error: ReadError) -> PeerError {
     match error {
         ReadError::ConnectionLost(error) => PeerError::Connect(format!("connection lost: {error}")),
+        ReadError::Reset(code) if code == STREAM_RELAY_FAILED => PeerError::RelayFailed,
         ReadError::Reset(code) => PeerError::Protocol(format!("the peer abandoned the answer (code {code})")),
         other => PeerError::Protocol(other.to_string()),
     }
 }
 
-/// Sends one request on a new stream and reads the answer (unverified).
-async fn exchange(connection: &Connection, request: Request) -> Result<Answer, ExchangeError> {
+/// Sends one request on a new stream and reads the answer (unverified); a chunk's bytes
+/// also feed `relay` if this answer is the first to claim it.
+async fn exchange(
+    connection: &Connection,
+    request: Request,
+    relay: Option<&Arc<Relay>>,
+) -> Result<Answer, ExchangeError> {
     let (mut send, mut recv) =
         connection.open_bi().await.map_err(|error| ExchangeError::Lost(format!("connection lost: {error}")))?;
     match send.write_all(&request.encode()).await {
@@ -1193,7 +1277,11 @@ async fn exchange(connection: &Connection, request: Request) -> Result<Answer, E
         Err(FrameReadError::Ended) => return Err(PeerError::Protocol("stream ended before an answer".into()).into()),
     };
     match head {
-        ResponseHead::Chunk { length } => Ok(Answer::Chunk(read_body(&mut recv, length, rest).await?)),
+        ResponseHead::Chunk { length } => {
+            let mut feed = relay.and_then(|relay| relay.claim(length as usize));
+            let body = read_body(&mut recv, length, rest, feed.as_mut()).await?;
+            Ok(Answer::Chunk(body, feed))
+        }
         ResponseHead::HaveSet { chunk_count, bitmap } => {
             if !rest.is_empty() {
                 return Err(PeerError::Protocol("bytes after a have-set".into()).into());
@@ -1211,17 +1299,31 @@ async fn exchange(connection: &Connection, request: Request) -> Result<Answer, E
 }
 
 /// Reads exactly `length` body bytes (of which `first` arrived with the head), then the end
-/// of the stream. Allocates `length` once; the decoder bounded it by `CHUNK_BYTES_MAX`.
-async fn read_body(recv: &mut RecvStream, length: u32, first: Bytes) -> Result<Bytes, PeerError> {
+/// of the stream, copying them into `feed` as they come. Allocates `length` once; the
+/// decoder bounded it by `CHUNK_BYTES_MAX`.
+async fn read_body(
+    recv: &mut RecvStream,
+    length: u32,
+    first: Bytes,
+    mut feed: Option<&mut RelayFeed>,
+) -> Result<Bytes, PeerError> {
     let length = length as usize;
     if first.len() > length {
         return Err(PeerError::Protocol("more bytes than the head announced".into()));
     }
     let mut body = BytesMut::with_capacity(length);
     body.extend_from_slice(&first);
+    if let Some(feed) = feed.as_deref_mut() {
+        feed.push(&first);
+    }
     while body.len() < length {
         match recv.read_chunk(length - body.len(), true).await.map_err(read_error)? {
-            Some(chunk) => body.extend_from_slice(&chunk.bytes),
+            Some(chunk) => {
+                body.extend_from_slice(&chunk.bytes);
+                if let Some(feed) = feed.as_deref_mut() {
+                    feed.push(&chunk.bytes);
+                }
+            }
             None => {
                 return Err(PeerError::Protocol(format!("stream ended after {} of {length} bytes", body.len())));
             }
@@ -1247,6 +1349,8 @@ struct Server<S> {
     serving: Arc<Semaphore>,
     /// Chunk answers being transmitted at once ([`UPLOAD_SLOTS`]) and those waiting.
     upload_line: UploadLine,
+    /// See [`RELAY_SLOTS`].
+    relay_slots: Arc<Semaphore>,
     /// Admitted inbound connections ([`CONNECTIONS_MAX`]).
     connections: Arc<Semaphore>,
     /// Per-peer connection counts and request slots; `std` mutex, never held across an `.await`.
@@ -1372,10 +1476,21 @@ enum ServeError {
     ShuttingDown,
     #[error("the peer stopped waiting for the answer")]
     Abandoned,
+    #[error("the chunk being relayed failed to arrive or to verify")]
+    RelayFailed,
 }
 
 fn refusal(status: Status, message: &str) -> ResponseHead {
     ResponseHead::Error { status, message: message.to_string() }
+}
+
+/// The answer to a home fetch that failed on this node.
+fn home_refusal(error: HomeFetchError) -> ResponseHead {
+    match error {
+        HomeFetchError::NotFound => refusal(Status::NotFound, "chunk not at the origin"),
+        HomeFetchError::OriginUnavailable(message) => refusal(Status::OriginUnavailable, &message),
+        HomeFetchError::Internal(message) => refusal(Status::Internal, &message),
+    }
 }
 
 fn status_label(status: Status) -> &'static str {
@@ -1567,7 +1682,9 @@ impl<S: ChunkService> Server<S> {
             Err(error) => {
                 tracing::debug!(kind, %error, "data plane request abandoned");
                 count_served(kind, "abandoned");
-                let _ = send.reset(STREAM_ABANDONED);
+                let code =
+                    if matches!(error, ServeError::RelayFailed) { STREAM_RELAY_FAILED } else { STREAM_ABANDONED };
+                let _ = send.reset(code);
             }
         }
     }
@@ -1631,20 +1748,16 @@ impl<S: ChunkService> Server<S> {
                 if let Some(busy) = self.upload_backlog_refusal() {
                     return write_head(send, &busy).await;
                 }
+                tracing::debug!(%peer_id, chunk = %id, "home fetch asked");
                 match self.service.home_fetch(id, of).await {
-                    Ok(chunk) => {
+                    Ok(HomeChunk::Whole(chunk)) => {
                         let body = self.fault(chunk).await;
                         self.send_chunk(send, body, slot).await
                     }
-                    Err(HomeFetchError::NotFound) => {
-                        write_head(send, &refusal(Status::NotFound, "chunk not at the origin")).await
+                    Ok(HomeChunk::Arriving { length, reader, answer }) => {
+                        self.send_arriving(send, length, reader, answer, slot).await
                     }
-                    Err(HomeFetchError::OriginUnavailable(message)) => {
-                        write_head(send, &refusal(Status::OriginUnavailable, &message)).await
-                    }
-                    Err(HomeFetchError::Internal(message)) => {
-                        write_head(send, &refusal(Status::Internal, &message)).await
-                    }
+                    Err(error) => write_head(send, &home_refusal(error)).await,
                 }
             }
         }
@@ -1679,6 +1792,71 @@ impl<S: ChunkService> Server<S> {
             _ = send.stopped() => return Err(ServeError::Abandoned),
         });
         write_head(send, &ResponseHead::Chunk { length }).await?;
+        self.write_body(send, &body).await?;
+        Ok(Status::Ok)
+    }
+
+    /// Like [`Server::send_chunk`] for a chunk that is still arriving: its pieces are sent
+    /// as the relay releases them. When the relay fails part way, the rest comes from the
+    /// fetch's verified answer, provided it extends what was sent; otherwise the stream is
+    /// abandoned (reset), and the peer, which never got a whole chunk, asks again.
+    async fn send_arriving(
+        &self,
+        send: &mut SendStream,
+        length: usize,
+        mut reader: RelayReader,
+        answer: futures::future::BoxFuture<'static, Result<Bytes, HomeFetchError>>,
+        slot: &mut Option<OwnedSemaphorePermit>,
+    ) -> Result<Status, ServeError> {
+        let head_length = match u32::try_from(length) {
+            Ok(head_length) if head_length <= CHUNK_BYTES_MAX => head_length,
+            _ => {
+                tracing::error!(bytes = length, "refusing to relay a chunk above CHUNK_BYTES_MAX");
+                return write_head(send, &refusal(Status::Internal, "chunk too large")).await;
+            }
+        };
+        let Ok(relay_slot) = self.relay_slots.clone().try_acquire_owned() else {
+            // Every relay slot is taken: wait for the whole chunk, then for an upload slot.
+            return match answer.await {
+                Ok(whole) => {
+                    let body = self.fault(whole).await;
+                    self.send_chunk(send, body, slot).await
+                }
+                Err(error) => write_head(send, &home_refusal(error)).await,
+            };
+        };
+        *slot = Some(relay_slot);
+        write_head(send, &ResponseHead::Chunk { length: head_length }).await?;
+        let mut first = true;
+        loop {
+            match reader.next().await {
+                Ok(Some(piece)) => {
+                    let piece = if first { self.fault(piece).await } else { piece };
+                    first = false;
+                    self.write_body(send, &piece).await?;
+                }
+                Ok(None) => {
+                    metrics::counter!("cachemesh_relayed_chunks_total", "outcome" => "relayed").increment(1);
+                    return Ok(Status::Ok);
+                }
+                Err(_) => {
+                    let whole = answer.await.map_err(|_| ServeError::RelayFailed)?;
+                    if whole.len() != length || !reader.sent_prefix_matches(&whole) {
+                        metrics::counter!("cachemesh_relayed_chunks_total", "outcome" => "abandoned").increment(1);
+                        return Err(ServeError::RelayFailed);
+                    }
+                    metrics::counter!("cachemesh_relayed_chunks_total", "outcome" => "finished_whole").increment(1);
+                    let rest = whole.slice(reader.sent()..);
+                    let rest = if first { self.fault(rest).await } else { rest };
+                    self.write_body(send, &rest).await?;
+                    return Ok(Status::Ok);
+                }
+            }
+        }
+    }
+
+    /// Writes `body` in [`UPLOAD_SLICE_BYTES`] slices, drawing on the upload budget.
+    async fn write_body(&self, send: &mut SendStream, body: &Bytes) -> Result<(), ServeError> {
         let mut at = 0;
         while at < body.len() {
             let end = body.len().min(at + UPLOAD_SLICE_BYTES);
@@ -1694,7 +1872,7 @@ impl<S: ChunkService> Server<S> {
             metrics::counter!("cachemesh_peer_upload_bytes_total").increment((end - at) as u64);
             at = end;
         }
-        Ok(Status::Ok)
+        Ok(())
     }
 
     #[cfg(feature = "test-faults")]
@@ -1790,6 +1968,9 @@ mod tests {
     use std::net::{IpAddr, Ipv4Addr};
     use std::sync::atomic::{AtomicUsize, Ordering};
 
+    use futures::FutureExt;
+    use tokio::sync::oneshot;
+
     const DC: &str = "test-dc";
     const CLUSTER: [u8; 32] = [7; 32];
     const OTHER_CLUSTER: [u8; 32] = [8; 32];
@@ -1805,12 +1986,16 @@ mod tests {
         NodeIdentity::from_keypair(libp2p::identity::Keypair::generate_ed25519()).unwrap()
     }
 
+    type SharedAnswer = futures::future::Shared<futures::future::BoxFuture<'static, Result<Bytes, HomeFetchError>>>;
+
     #[derive(Default)]
     struct FakeService {
         have: HashMap<ObjectId, (u32, Vec<u8>)>,
         /// Served as-is under the given id, whether or not they match it.
         chunks: HashMap<ChunkId, Bytes>,
         origin: HashMap<ChunkId, Result<Bytes, HomeFetchError>>,
+        /// Home fetches answered as arriving: the relay, and the fetch's answer to come.
+        arriving: HashMap<ChunkId, (Arc<Relay>, SharedAnswer)>,
         calls: AtomicUsize,
         /// Who asked for have-sets, in order.
         have_set_askers: Mutex<Vec<PeerId>>,
@@ -1841,10 +2026,15 @@ mod tests {
             self.chunks.get(&id).cloned()
         }
 
-        async fn home_fetch(&self, id: ChunkId, of: Option<(ObjectId, u32)>) -> Result<Bytes, HomeFetchError> {
+        async fn home_fetch(&self, id: ChunkId, of: Option<(ObjectId, u32)>) -> Result<HomeChunk, HomeFetchError> {
             self.calls.fetch_add(1, Ordering::SeqCst);
             self.home_fetch_objects.lock().unwrap().push(of);
-            self.origin.get(&id).cloned().unwrap_or(Err(HomeFetchError::NotFound))
+            if let Some((relay, answer)) = self.arriving.get(&id) {
+                let mut reader = relay.reader();
+                let Ok(length) = reader.length().await else { return answer.clone().await.map(HomeChunk::Whole) };
+                return Ok(HomeChunk::Arriving { length, reader, answer: answer.clone().boxed() });
+            }
+            self.origin.get(&id).cloned().unwrap_or(Err(HomeFetchError::NotFound)).map(HomeChunk::Whole)
         }
     }
 
@@ -1887,6 +2077,67 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_home_passes_a_chunk_on_while_it_arrives_and_never_completes_an_unverified_one() {
+        // Goal: cut-through. A peer asking a home for a chunk the home is still receiving
+        // gets its first bytes before the home has the last ones, but its answer completes
+        // only once the home verified the chunk; when the home's source sent corrupt bytes
+        // (already partly passed on), the peer's stream is reset and asking again gets the
+        // verified chunk.
+        let chunk = test_bytes("relayed", 3 * crate::relay::RELAY_PIECE_BYTES);
+        let id = ChunkId::of(&chunk);
+        let corrupt_chunk = test_bytes("relayed, then corrupt", 3 * crate::relay::RELAY_PIECE_BYTES);
+        let corrupt_id = ChunkId::of(&corrupt_chunk);
+        let (good_relay, corrupt_relay) = (Relay::new(), Relay::new());
+        let (good_done, good_answer) = oneshot::channel::<Bytes>();
+        let (corrupt_done, corrupt_answer) = oneshot::channel::<Bytes>();
+        let shared = |answer: oneshot::Receiver<Bytes>| -> SharedAnswer {
+            async move { answer.await.map_err(|_| HomeFetchError::Internal("gone".into())) }.boxed().shared()
+        };
+        let mut service = FakeService::default();
+        service.arriving.insert(id, (good_relay.clone(), shared(good_answer)));
+        service.arriving.insert(corrupt_id, (corrupt_relay.clone(), shared(corrupt_answer)));
+        let server = start(CLUSTER, service).await;
+        let client = start(CLUSTER, FakeService::default()).await;
+        let peer = server.target();
+
+        // The home has two thirds of the chunk: the peer is answered, but not completed.
+        let mut feed = good_relay.claim(chunk.len()).unwrap();
+        feed.push(&chunk[..2 * crate::relay::RELAY_PIECE_BYTES]);
+        let fetch = client.plane.home_fetch(&peer, id, None);
+        tokio::pin!(fetch);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), &mut fetch).await.is_err(),
+            "no answer may complete before the home has verified the chunk"
+        );
+        feed.push(&chunk[2 * crate::relay::RELAY_PIECE_BYTES..]);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), &mut fetch).await.is_err(),
+            "all bytes arrived, but the last piece waits for the check"
+        );
+        feed.finish(&VerifiedChunk::check(id, chunk.clone()).unwrap());
+        assert_eq!(fetch.await.map(VerifiedChunk::into_bytes), Ok(chunk.clone()));
+        drop(good_done);
+
+        // The source sends corrupt bytes for the second chunk; the first piece goes out.
+        let mut feed = corrupt_relay.claim(corrupt_chunk.len()).unwrap();
+        let mut bad = corrupt_chunk.to_vec();
+        bad[0] ^= 0xff;
+        feed.push(&bad);
+        let fetch = tokio::spawn({
+            let plane = client.plane.clone();
+            async move { plane.home_fetch(&peer, corrupt_id, None).await }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        drop(feed); // the home's check failed
+        // The home then got the chunk whole elsewhere; what was sent does not match it.
+        corrupt_done.send(corrupt_chunk.clone()).unwrap();
+        // The reset makes the peer ask again, and the second answer is the verified chunk
+        // (the fake's relay is failed now, so it answers with the fetch's result).
+        assert_eq!(fetch.await.unwrap().map(VerifiedChunk::into_bytes), Ok(corrupt_chunk.clone()));
+        assert_eq!(server.service.home_fetch_objects.lock().unwrap().len(), 3, "the peer asked the home twice");
+    }
+
+    #[tokio::test]
     async fn have_set_chunk_slice_and_home_fetch_round_trip() {
         // Goal: every request kind crosses real QUIC endpoints intact, including a whole
         // 4 MiB chunk (bigger than quinn's default stream window), slices of it, and each
@@ -1912,8 +2163,21 @@ mod tests {
         assert_eq!(*server.service.have_set_askers.lock().unwrap(), vec![client.plane.peer_id(); 2]);
         assert_eq!(client.plane.get_chunk(&peer, id).await.map(VerifiedChunk::into_bytes), Ok(chunk.clone()));
         assert_eq!(client.plane.get_chunk(&peer, ChunkId::of(b"absent")).await, Err(PeerError::NotFound));
-        assert_eq!(client.plane.get_chunk_for_home(&peer, id).await.map(VerifiedChunk::into_bytes), Ok(chunk.clone()));
-        assert_eq!(client.plane.get_chunk_for_home(&peer, ChunkId::of(b"absent")).await, Err(PeerError::NotFound));
+        // A home's fetch feeds its relay as the bytes arrive; the relay ends verified.
+        let relay = Relay::new();
+        let relayed = relay.reader();
+        let fetched = client.plane.get_chunk_for_home(&peer, id, Some(&relay)).await;
+        assert_eq!(fetched.map(VerifiedChunk::into_bytes), Ok(chunk.clone()));
+        let mut relayed = relayed;
+        let mut passed_on = Vec::new();
+        while let Some(piece) = relayed.next().await.expect("a verified feed") {
+            passed_on.extend_from_slice(&piece);
+        }
+        assert_eq!(passed_on, chunk.to_vec());
+        assert_eq!(
+            client.plane.get_chunk_for_home(&peer, ChunkId::of(b"absent"), None).await,
+            Err(PeerError::NotFound)
+        );
         assert_eq!(
             client.plane.home_fetch(&peer, homed_id, None).await.map(VerifiedChunk::into_bytes),
             Ok(homed.clone())
@@ -1932,10 +2196,10 @@ mod tests {
 
         // Slices, through the raw exchange (get_chunk only hands out verified whole chunks).
         let (connection, _) = client.plane.connection(&peer).await.unwrap();
-        let slice = |offset, length| exchange(&connection, Request::GetChunk { id, offset, length });
-        let Ok(Answer::Chunk(middle)) = slice(1000, 5000).await else { panic!("no slice") };
+        let slice = |offset, length| exchange(&connection, Request::GetChunk { id, offset, length }, None);
+        let Ok(Answer::Chunk(middle, _)) = slice(1000, 5000).await else { panic!("no slice") };
         assert_eq!(middle, chunk.slice(1000..6000));
-        let Ok(Answer::Chunk(tail)) = slice(CHUNK_BYTES_MAX - 10, 0).await else { panic!("no tail") };
+        let Ok(Answer::Chunk(tail, _)) = slice(CHUNK_BYTES_MAX - 10, 0).await else { panic!("no tail") };
         assert_eq!(tail, chunk.slice(chunk.len() - 10..));
         let Err(ExchangeError::Peer(PeerError::Remote { status, .. })) = slice(CHUNK_BYTES_MAX - 10, 11).await else {
             panic!("a range past the end was served")
@@ -2054,7 +2318,7 @@ mod tests {
         let intruder = start(OTHER_CLUSTER, FakeService::default()).await;
         let connection = intruder.plane.shared.endpoint.connect(member.plane.local_addr(), SERVER_NAME).unwrap();
         let connection = connection.await.unwrap();
-        let answer = exchange(&connection, Request::HaveSet(ObjectId::of(b"o"))).await;
+        let answer = exchange(&connection, Request::HaveSet(ObjectId::of(b"o")), None).await;
         assert!(answer.is_err());
         let ConnectionError::ApplicationClosed(close) = connection.closed().await else { panic!("not refused") };
         assert_eq!(close.error_code, CLOSE_ADMISSION_REFUSED);

@@ -1,0 +1,365 @@
+//! A chunk that is still arriving, readable by the peers waiting for it (cut-through).
+//!
+//! When this node fetches a chunk as its home, every peer that asked for it waits. Without
+//! a relay they wait for the whole chunk to arrive, be verified and only then start to
+//! receive it: each hop of the DC's distribution costs a whole chunk's transfer time. With
+//! one, the fetch ([`RelayFeed`], one per relay, claimed by whichever attempt receives the
+//! first bytes) copies what arrives into the relay, and the answers to waiting peers
+//! ([`RelayReader`]) send it on as it comes.
+//!
+//! Nothing unverified is passed on whole: a reader holds back the latest piece until the
+//! feed has ended verified ([`RelayFeed::finish`] takes the [`VerifiedChunk`] as proof), so
+//! a peer never receives the last byte of a chunk this node did not check. A feed that
+//! fails (corrupt bytes, a broken stream, a lost race) ends the relay as failed; readers
+//! then fall back to the fetch's verified answer, which must extend what they sent
+//! ([`RelayReader::sent_prefix_matches`]), or give up on their stream.
+//!
+//! Bounds: one copy of the chunk per relay (at most `CHUNK_BYTES_MAX`), in pieces of
+//! [`RELAY_PIECE_BYTES`] but the last.
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::watch;
+
+use crate::chunk::VerifiedChunk;
+
+/// Arriving bytes are handed to readers in pieces of this size (the last may be shorter):
+/// small enough to keep the relay close behind the feed, large enough that readers wake
+/// a few dozen times per chunk rather than once per packet.
+pub const RELAY_PIECE_BYTES: usize = 128 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    Open,
+    Verified,
+    Failed,
+}
+
+#[derive(Debug)]
+struct State {
+    /// The chunk's length, once a feed has claimed the relay.
+    length: Option<usize>,
+    claimed: bool,
+    pieces: Vec<Bytes>,
+    end: End,
+}
+
+/// One chunk's relay: shared by its feed and its readers.
+#[derive(Debug)]
+pub struct Relay {
+    state: Mutex<State>,
+    /// Bumped on every change, so readers can wait for one.
+    changed: watch::Sender<u64>,
+}
+
+impl Default for Relay {
+    fn default() -> Self {
+        Self {
+            state: Mutex::new(State { length: None, claimed: false, pieces: Vec::new(), end: End::Open }),
+            changed: watch::Sender::new(0),
+        }
+    }
+}
+
+impl Relay {
+    /// A relay nobody feeds yet.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn notify(&self) {
+        self.changed.send_modify(|version| *version = version.wrapping_add(1));
+    }
+
+    /// The feed of a chunk of `length` bytes, for the first caller only: later attempts at
+    /// the same chunk (hedges, retries) fetch without feeding.
+    pub fn claim(self: &Arc<Self>, length: usize) -> Option<RelayFeed> {
+        {
+            let mut state = self.lock();
+            if state.claimed {
+                return None;
+            }
+            state.claimed = true;
+            state.length = Some(length);
+        }
+        self.notify();
+        Some(RelayFeed { relay: self.clone(), pending: BytesMut::new(), received: 0, length, finished: false })
+    }
+
+    /// A reader from the first byte.
+    pub fn reader(self: &Arc<Self>) -> RelayReader {
+        RelayReader { relay: self.clone(), changes: self.changed.subscribe(), next: 0, sent: 0 }
+    }
+}
+
+/// Writes what arrives into a relay. Dropped without [`RelayFeed::finish`], it fails the
+/// relay.
+#[derive(Debug)]
+pub struct RelayFeed {
+    relay: Arc<Relay>,
+    pending: BytesMut,
+    received: usize,
+    length: usize,
+    finished: bool,
+}
+
+impl RelayFeed {
+    /// Appends arrived bytes (not yet verified). Bytes past the claimed length fail the relay.
+    pub fn push(&mut self, bytes: &[u8]) {
+        if self.received + bytes.len() > self.length {
+            self.fail();
+            return;
+        }
+        self.received += bytes.len();
+        self.pending.extend_from_slice(bytes);
+        if self.pending.len() >= RELAY_PIECE_BYTES {
+            let mut state = self.relay.lock();
+            while self.pending.len() >= RELAY_PIECE_BYTES {
+                state.pieces.push(self.pending.split_to(RELAY_PIECE_BYTES).freeze());
+            }
+            drop(state);
+            self.relay.notify();
+        }
+    }
+
+    /// Hands out what is pending, however short (at the end of the chunk).
+    fn flush(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let piece = self.pending.split().freeze();
+        self.relay.lock().pieces.push(piece);
+        self.relay.notify();
+    }
+
+    /// Ends the relay verified: `chunk` is what was fed, checked against its id.
+    pub fn finish(mut self, chunk: &VerifiedChunk) {
+        if chunk.bytes().len() != self.received || self.received != self.length {
+            self.fail();
+            return;
+        }
+        self.flush();
+        self.relay.lock().end = End::Verified;
+        self.finished = true;
+        self.relay.notify();
+    }
+
+    fn fail(&mut self) {
+        if self.finished {
+            return;
+        }
+        self.finished = true;
+        let mut state = self.relay.lock();
+        if state.end == End::Open {
+            state.end = End::Failed;
+        }
+        drop(state);
+        self.relay.notify();
+    }
+}
+
+impl Drop for RelayFeed {
+    fn drop(&mut self) {
+        self.fail();
+    }
+}
+
+/// Why a relay could not be read to its end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the relayed fetch failed before its chunk was verified")]
+pub struct RelayFailed;
+
+/// Reads a relay in order, holding back the latest piece until the feed ended verified.
+#[derive(Debug)]
+pub struct RelayReader {
+    relay: Arc<Relay>,
+    changes: watch::Receiver<u64>,
+    next: usize,
+    sent: usize,
+}
+
+impl RelayReader {
+    /// The chunk's length once a feed claimed the relay; `Err` when the relay failed first.
+    /// Waits while nobody feeds it.
+    pub async fn length(&mut self) -> Result<usize, RelayFailed> {
+        loop {
+            {
+                let state = self.relay.lock();
+                if state.end == End::Failed {
+                    return Err(RelayFailed);
+                }
+                if let Some(length) = state.length {
+                    return Ok(length);
+                }
+            }
+            // The sender lives in the relay, which this reader holds: this cannot end.
+            let _ = self.changes.changed().await;
+        }
+    }
+
+    /// The next piece that may be passed on; `Ok(None)` once the whole verified chunk was
+    /// read; `Err` when the feed failed (what was read so far stays counted in
+    /// [`RelayReader::sent`]).
+    pub async fn next(&mut self) -> Result<Option<Bytes>, RelayFailed> {
+        loop {
+            {
+                let state = self.relay.lock();
+                match state.end {
+                    End::Failed => return Err(RelayFailed),
+                    End::Verified if self.next == state.pieces.len() => return Ok(None),
+                    End::Verified | End::Open => {}
+                }
+                // Until the feed is verified, the latest piece waits for the next one.
+                let releasable = state.end == End::Verified || self.next + 1 < state.pieces.len();
+                if releasable {
+                    let piece = state.pieces[self.next].clone();
+                    self.next += 1;
+                    self.sent += piece.len();
+                    return Ok(Some(piece));
+                }
+            }
+            let _ = self.changes.changed().await;
+        }
+    }
+
+    /// Bytes handed out so far.
+    pub fn sent(&self) -> usize {
+        self.sent
+    }
+
+    /// Whether `whole` (the fetch's verified answer) starts with the bytes handed out, so
+    /// the rest of it can follow them.
+    pub fn sent_prefix_matches(&self, whole: &[u8]) -> bool {
+        let state = self.relay.lock();
+        let mut at = 0;
+        for piece in &state.pieces[..self.next] {
+            let end = at + piece.len();
+            if end > whole.len() || whole[at..end] != piece[..] {
+                return false;
+            }
+            at = end;
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn chunk(length: usize) -> VerifiedChunk {
+        VerifiedChunk::hash(Bytes::from((0..length).map(|index| (index % 251) as u8).collect::<Vec<u8>>()))
+    }
+
+    async fn read_all(mut reader: RelayReader) -> Result<Vec<u8>, RelayFailed> {
+        let mut out = Vec::new();
+        while let Some(piece) = reader.next().await? {
+            out.extend_from_slice(&piece);
+        }
+        Ok(out)
+    }
+
+    /// Whether `future` is still pending after the other tasks had a chance to run.
+    async fn pending<F: std::future::Future>(future: F) -> bool {
+        tokio::time::timeout(Duration::from_millis(20), future).await.is_err()
+    }
+
+    #[tokio::test]
+    async fn readers_get_the_verified_chunk_whole_whenever_they_join() {
+        let chunk = chunk(3 * RELAY_PIECE_BYTES + 5);
+        let relay = Relay::new();
+        let early = relay.reader();
+        let mut feed = relay.claim(chunk.bytes().len()).expect("the first claim feeds");
+        assert!(relay.claim(chunk.bytes().len()).is_none(), "one feed per relay");
+        let early = tokio::spawn(read_all(early));
+        for slice in chunk.bytes().chunks(1000) {
+            feed.push(slice);
+        }
+        let late = relay.reader();
+        feed.finish(&chunk);
+        assert_eq!(early.await.unwrap().unwrap(), chunk.bytes().to_vec());
+        assert_eq!(read_all(late).await.unwrap(), chunk.bytes().to_vec());
+    }
+
+    #[tokio::test]
+    async fn the_last_piece_waits_for_verification() {
+        let chunk = chunk(2 * RELAY_PIECE_BYTES);
+        let relay = Relay::new();
+        let mut reader = relay.reader();
+        let mut feed = relay.claim(chunk.bytes().len()).unwrap();
+        assert_eq!(reader.length().await, Ok(chunk.bytes().len()));
+        feed.push(chunk.bytes());
+        // Every byte has arrived, but none is verified: one piece may go, the last may not.
+        let first = reader.next().await.unwrap().unwrap();
+        assert_eq!(first.len(), RELAY_PIECE_BYTES);
+        assert!(pending(reader.next()).await, "the last piece is held back");
+        feed.finish(&chunk);
+        assert_eq!(reader.next().await.unwrap().unwrap().len(), RELAY_PIECE_BYTES);
+        assert_eq!(reader.next().await, Ok(None));
+        assert_eq!(reader.sent(), chunk.bytes().len());
+    }
+
+    #[tokio::test]
+    async fn a_failed_feed_never_completes_a_reader() {
+        let good = chunk(2 * RELAY_PIECE_BYTES);
+        let mut corrupt = good.bytes().to_vec();
+        corrupt[10] ^= 1;
+        let relay = Relay::new();
+        let mut reader = relay.reader();
+        let mut feed = relay.claim(corrupt.len()).unwrap();
+        feed.push(&corrupt);
+        let first = reader.next().await.unwrap().unwrap();
+        // The fetch's check fails: the feed is dropped unfinished.
+        drop(feed);
+        assert_eq!(reader.next().await, Err(RelayFailed));
+        assert_eq!(reader.sent(), first.len());
+        assert!(!reader.sent_prefix_matches(good.bytes()), "the corrupt prefix is detected");
+        assert!(relay.claim(1).is_none(), "a failed relay is not fed again");
+    }
+
+    #[tokio::test]
+    async fn a_reader_of_a_failed_relay_can_continue_from_the_verified_answer() {
+        let chunk = chunk(3 * RELAY_PIECE_BYTES);
+        let relay = Relay::new();
+        let mut reader = relay.reader();
+        let mut feed = relay.claim(chunk.bytes().len()).unwrap();
+        feed.push(&chunk.bytes()[..2 * RELAY_PIECE_BYTES]);
+        assert!(reader.next().await.unwrap().is_some());
+        drop(feed); // say, the stream broke; another holder then gave the chunk whole
+        assert_eq!(reader.next().await, Err(RelayFailed));
+        assert!(reader.sent_prefix_matches(chunk.bytes()));
+        assert_eq!(reader.sent(), RELAY_PIECE_BYTES);
+    }
+
+    #[tokio::test]
+    async fn feeds_that_overrun_or_end_short_fail() {
+        let chunk = chunk(1000);
+        let relay = Relay::new();
+        let mut feed = relay.claim(999).unwrap();
+        feed.push(chunk.bytes());
+        assert_eq!(relay.reader().next().await, Err(RelayFailed));
+
+        let relay = Relay::new();
+        let mut feed = relay.claim(1000).unwrap();
+        feed.push(&chunk.bytes()[..500]);
+        feed.finish(&chunk);
+        assert_eq!(relay.reader().next().await, Err(RelayFailed));
+    }
+
+    #[tokio::test]
+    async fn length_waits_for_a_feed_and_reports_failure() {
+        let relay = Relay::new();
+        let mut reader = relay.reader();
+        assert!(pending(reader.length()).await, "nobody feeds it yet");
+        let feed = relay.claim(7).unwrap();
+        assert_eq!(reader.length().await, Ok(7));
+        drop(feed);
+        assert_eq!(relay.reader().length().await, Err(RelayFailed));
+    }
+}
