@@ -359,14 +359,8 @@ impl Fetcher {
         {
             return Ok(self.keep(chunk, Source::Peer, Some(object)));
         }
-        let object = of.map(|(object, _)| object);
         tracing::debug!(chunk = %id, "home fetch: no holder gave the chunk; fetching it from the origin");
-        let chunk = match self.origin.get_chunk(&id, relay.as_ref()).await {
-            Ok(chunk) => chunk,
-            Err(OriginError::NotFound { .. }) => return Err(FetchError::NotFound(id)),
-            Err(error) => return Err(FetchError::Origin(Arc::new(error))),
-        };
-        Ok(self.keep(chunk, Source::Origin, object))
+        self.fetch_from_origin(id, of.map(|(object, _)| object), relay.as_ref()).await
     }
 
     /// This node, as the chunk's home, gets it (coalesced with peers' home requests); the
@@ -395,7 +389,7 @@ impl Fetcher {
         context: Option<(Arc<ObjectContext>, usize)>,
     ) -> Result<Fetched, FetchError> {
         let Some(mesh) = self.mesh.get().cloned() else {
-            return self.fetch_from_origin(id, None).await;
+            return self.fetch_from_origin(id, None, None).await;
         };
         let (context, index) = match context {
             Some((context, index)) => (Some(context), index),
@@ -450,7 +444,7 @@ impl Fetcher {
         }
         // Every home candidate failed: go to the origin ourselves.
         tracing::debug!(chunk = %id, "every home candidate failed; fetching the chunk from the origin");
-        self.fetch_from_origin(id, context.as_ref().map(|context| context.object)).await
+        self.fetch_from_origin(id, context.as_ref().map(|context| context.object), None).await
     }
 
     /// The fetched bytes, with storing them (then announcing `object` in a mesh) left to
@@ -474,8 +468,14 @@ impl Fetcher {
         Fetched { after: Some(after.boxed()), ..Fetched::done(bytes, source) }
     }
 
-    async fn fetch_from_origin(&self, id: ChunkId, object: Option<ObjectId>) -> Result<Fetched, FetchError> {
-        let chunk = match self.origin.get_chunk(&id, None).await {
+    /// The chunk from the origin, feeding `relay` when given.
+    async fn fetch_from_origin(
+        &self,
+        id: ChunkId,
+        object: Option<ObjectId>,
+        relay: Option<&Arc<Relay>>,
+    ) -> Result<Fetched, FetchError> {
+        let chunk = match self.origin.get_chunk(&id, relay).await {
             Ok(chunk) => chunk,
             Err(OriginError::NotFound { .. }) => return Err(FetchError::NotFound(id)),
             Err(error) => return Err(FetchError::Origin(Arc::new(error))),

@@ -261,9 +261,21 @@ impl Attempt {
 struct HaveSet {
     chunk_count: u32,
     bitmap: Vec<u8>,
+    /// Every chunk is set; worked out once, since it is asked per chunk fetched.
+    complete: bool,
 }
 
 impl HaveSet {
+    fn new(chunk_count: u32, bitmap: Vec<u8>) -> Self {
+        let count = chunk_count as usize;
+        let (full, rest) = (count / 8, count % 8);
+        let complete = count > 0
+            && bitmap.len() >= count.div_ceil(8)
+            && bitmap[..full].iter().all(|byte| *byte == 0xff)
+            && (rest == 0 || bitmap[full] & ((1u8 << rest) - 1) == (1u8 << rest) - 1);
+        Self { chunk_count, bitmap, complete }
+    }
+
     fn contains(&self, index: usize) -> bool {
         index < self.chunk_count as usize && have_set_contains(&self.bitmap, index)
     }
@@ -273,7 +285,7 @@ impl HaveSet {
     /// holder would route around the chunks' homes (measured: duplicate origin fetches at
     /// the end of a cold start).
     fn is_complete(&self) -> bool {
-        self.chunk_count > 0 && (0..self.chunk_count as usize).all(|index| have_set_contains(&self.bitmap, index))
+        self.complete
     }
 }
 
@@ -606,7 +618,10 @@ impl Mesh {
         let target = *peer;
         let request = self.have_set_requests.run((peer.peer_id, object), move || async move {
             metrics::counter!("cachemesh_have_set_requests_total").increment(1);
-            plane.have_set(&target, object).await.map(|(chunk_count, bitmap)| Arc::new(HaveSet { chunk_count, bitmap }))
+            plane
+                .have_set(&target, object)
+                .await
+                .map(|(chunk_count, bitmap)| Arc::new(HaveSet::new(chunk_count, bitmap)))
         });
         match request.await {
             Some(Ok(bitmap)) => {
@@ -955,7 +970,7 @@ mod tests {
 
     #[test]
     fn complete_have_sets_hold_every_chunk() {
-        let have = |chunk_count, bitmap: &[u8]| HaveSet { chunk_count, bitmap: bitmap.to_vec() };
+        let have = |chunk_count, bitmap: &[u8]| HaveSet::new(chunk_count, bitmap.to_vec());
         assert!(have(19, &[0xff, 0xff, 0x07]).is_complete());
         assert!(have(1, &[0x01]).is_complete());
         assert!(have(8, &[0xff]).is_complete());
@@ -963,6 +978,7 @@ mod tests {
         assert!(!have(16, &[0xff, 0x00]).is_complete());
         assert!(!have(11, &[0xfe, 0x07]).is_complete());
         assert!(!have(11, &[0xff, 0x05]).is_complete());
+        assert!(!have(16, &[0xff]).is_complete(), "a bitmap too short for its count");
         // A reader that has read 61 of 64 chunks in order is not a whole holder.
         assert!(!have(64, &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x1f]).is_complete());
         assert!(have(64, &[0xff; 8]).is_complete());

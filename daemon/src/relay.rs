@@ -38,9 +38,8 @@ enum End {
 
 #[derive(Debug)]
 struct State {
-    /// The chunk's length, once a feed has claimed the relay.
+    /// The chunk's length, once a feed has claimed the relay (one feed per relay).
     length: Option<usize>,
-    claimed: bool,
     pieces: Vec<Bytes>,
     end: End,
 }
@@ -56,7 +55,7 @@ pub struct Relay {
 impl Default for Relay {
     fn default() -> Self {
         Self {
-            state: Mutex::new(State { length: None, claimed: false, pieces: Vec::new(), end: End::Open }),
+            state: Mutex::new(State { length: None, pieces: Vec::new(), end: End::Open }),
             changed: watch::Sender::new(0),
         }
     }
@@ -81,10 +80,9 @@ impl Relay {
     pub fn claim(self: &Arc<Self>, length: usize) -> Option<RelayFeed> {
         {
             let mut state = self.lock();
-            if state.claimed {
+            if state.length.is_some() || state.end != End::Open {
                 return None;
             }
-            state.claimed = true;
             state.length = Some(length);
         }
         self.notify();

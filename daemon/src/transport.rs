@@ -1484,6 +1484,16 @@ fn refusal(status: Status, message: &str) -> ResponseHead {
     ResponseHead::Error { status, message: message.to_string() }
 }
 
+/// A chunk answer's length as its head carries it; None (logged) above `CHUNK_BYTES_MAX`,
+/// which this node never stores, so only a fault here gets there.
+fn head_length(bytes: usize) -> Option<u32> {
+    let length = u32::try_from(bytes).ok().filter(|length| *length <= CHUNK_BYTES_MAX);
+    if length.is_none() {
+        tracing::error!(bytes, "refusing to serve a chunk above CHUNK_BYTES_MAX");
+    }
+    length
+}
+
 /// The answer to a home fetch that failed on this node.
 fn home_refusal(error: HomeFetchError) -> ResponseHead {
     match error {
@@ -1778,12 +1788,8 @@ impl<S: ChunkService> Server<S> {
         body: Bytes,
         slot: &mut Option<OwnedSemaphorePermit>,
     ) -> Result<Status, ServeError> {
-        let length = match u32::try_from(body.len()) {
-            Ok(length) if length <= CHUNK_BYTES_MAX => length,
-            _ => {
-                tracing::error!(bytes = body.len(), "refusing to serve a chunk above CHUNK_BYTES_MAX");
-                return write_head(send, &refusal(Status::Internal, "chunk too large")).await;
-            }
+        let Some(length) = head_length(body.len()) else {
+            return write_head(send, &refusal(Status::Internal, "chunk too large")).await;
         };
         // A requester that got the chunk elsewhere while waiting resets its stream: give up
         // its turn rather than take a slot to find that out.
@@ -1808,12 +1814,8 @@ impl<S: ChunkService> Server<S> {
         answer: futures::future::BoxFuture<'static, Result<Bytes, HomeFetchError>>,
         slot: &mut Option<OwnedSemaphorePermit>,
     ) -> Result<Status, ServeError> {
-        let head_length = match u32::try_from(length) {
-            Ok(head_length) if head_length <= CHUNK_BYTES_MAX => head_length,
-            _ => {
-                tracing::error!(bytes = length, "refusing to relay a chunk above CHUNK_BYTES_MAX");
-                return write_head(send, &refusal(Status::Internal, "chunk too large")).await;
-            }
+        let Some(head_length) = head_length(length) else {
+            return write_head(send, &refusal(Status::Internal, "chunk too large")).await;
         };
         let Ok(relay_slot) = self.relay_slots.clone().try_acquire_owned() else {
             // Every relay slot is taken: wait for the whole chunk, then for an upload slot.
@@ -2087,15 +2089,19 @@ mod tests {
         let id = ChunkId::of(&chunk);
         let corrupt_chunk = test_bytes("relayed, then corrupt", 3 * crate::relay::RELAY_PIECE_BYTES);
         let corrupt_id = ChunkId::of(&corrupt_chunk);
-        let (good_relay, corrupt_relay) = (Relay::new(), Relay::new());
+        let lost = test_bytes("relayed, then lost", 3 * crate::relay::RELAY_PIECE_BYTES);
+        let lost_id = ChunkId::of(&lost);
+        let (good_relay, corrupt_relay, lost_relay) = (Relay::new(), Relay::new(), Relay::new());
         let (good_done, good_answer) = oneshot::channel::<Bytes>();
         let (corrupt_done, corrupt_answer) = oneshot::channel::<Bytes>();
+        let (lost_done, lost_answer) = oneshot::channel::<Bytes>();
         let shared = |answer: oneshot::Receiver<Bytes>| -> SharedAnswer {
             async move { answer.await.map_err(|_| HomeFetchError::Internal("gone".into())) }.boxed().shared()
         };
         let mut service = FakeService::default();
         service.arriving.insert(id, (good_relay.clone(), shared(good_answer)));
         service.arriving.insert(corrupt_id, (corrupt_relay.clone(), shared(corrupt_answer)));
+        service.arriving.insert(lost_id, (lost_relay.clone(), shared(lost_answer)));
         let server = start(CLUSTER, service).await;
         let client = start(CLUSTER, FakeService::default()).await;
         let peer = server.target();
@@ -2135,6 +2141,20 @@ mod tests {
         // (the fake's relay is failed now, so it answers with the fetch's result).
         assert_eq!(fetch.await.unwrap().map(VerifiedChunk::into_bytes), Ok(corrupt_chunk.clone()));
         assert_eq!(server.service.home_fetch_objects.lock().unwrap().len(), 3, "the peer asked the home twice");
+
+        // The home's source breaks off part way (correct bytes so far), and the home gets the
+        // chunk whole elsewhere: the answer goes on from that copy, in one ask.
+        let mut feed = lost_relay.claim(lost.len()).unwrap();
+        feed.push(&lost[..2 * crate::relay::RELAY_PIECE_BYTES]);
+        let fetch = tokio::spawn({
+            let plane = client.plane.clone();
+            async move { plane.home_fetch(&peer, lost_id, None).await }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        drop(feed);
+        lost_done.send(lost.clone()).unwrap();
+        assert_eq!(fetch.await.unwrap().map(VerifiedChunk::into_bytes), Ok(lost.clone()));
+        assert_eq!(server.service.home_fetch_objects.lock().unwrap().len(), 4, "asked once");
     }
 
     #[tokio::test]
