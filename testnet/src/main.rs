@@ -27,6 +27,7 @@
 
 mod charts;
 mod data;
+mod delay;
 mod metrics;
 mod network;
 mod node;
@@ -123,7 +124,7 @@ struct RunArgs {
     /// one bridge, its own address in a free /24 of 198.18.0.0/15) with the origin behind
     /// its own link, and shapes links with tc tbf (needs root, ip and tc); `loopback` runs
     /// every node on 127.0.0.1; `auto` is emulated when running as root and the setup works,
-    /// else loopback. The report says which, and why. Latency is never emulated.
+    /// else loopback. The report says which, and why.
     #[arg(long, value_enum, value_name = "MODE", default_value_t = NetMode::Auto)]
     net: NetMode,
     /// Every host's link rate, each way, in bits per second: 200Mbit, 1Gbit, 1.5Gbit,
@@ -136,6 +137,13 @@ struct RunArgs {
     /// link of the origin's proxies (emulated only). Unshaped when not given.
     #[arg(long, value_name = "RATE")]
     origin_rate: Option<Rate>,
+    /// One-way latency between hosts, e.g. 200us, 0.2ms or 5ms (at most 1s): every packet a
+    /// host sends waits this long before its link, so a round trip between two hosts takes
+    /// twice it (and one between a host and the origin once). Emulated network only: an
+    /// iptables NFQUEUE rule in each node's namespace and a delay thread in the testnet (no
+    /// netem needed); needs iptables. The report gives the round trip measured with it.
+    #[arg(long, value_name = "DURATION", value_parser = delay::parse_delay)]
+    latency: Option<Duration>,
     /// The fraction of hosts that are slow (0 to 1; the last round(F x N) nodes, so node 0
     /// stays at --host-rate unless every node is slow). Needs --slow-rate.
     #[arg(long, value_name = "FRACTION", requires = "slow_rate", value_parser = parse_fraction)]
@@ -252,6 +260,9 @@ fn repeat_command(args: &RunArgs, seed: u64) -> String {
     if let Some(rate) = args.origin_rate {
         line.push_str(&format!(" --origin-rate {rate}"));
     }
+    if let Some(delay) = args.latency {
+        line.push_str(&format!(" --latency {}us", delay.as_micros()));
+    }
     if let (Some(fraction), Some(rate)) = (args.slow_hosts, args.slow_rate) {
         line.push_str(&format!(" --slow-hosts {fraction} --slow-rate {rate}"));
     }
@@ -307,6 +318,9 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     if args.pin && args.scenario != Scenario::ColdStart {
         bail!("--pin is for cold-start only, not {}", args.scenario.name());
     }
+    if args.latency.is_some() && args.net == NetMode::Loopback {
+        bail!("--latency needs the emulated network (--net emulated, or auto as root), not --net loopback");
+    }
     if args.cut_seconds > 0 && args.scenario != Scenario::Partition {
         bail!("--cut-seconds is for partition only, not {}", args.scenario.name());
     }
@@ -352,7 +366,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         }
     }
     let network = tokio::select! {
-        network = Network::prepare(args.net, &host_rates, &rates, slow_hosts) => {
+        network = Network::prepare(args.net, &host_rates, &rates, slow_hosts, args.latency) => {
             network.context("cannot set up the emulated network (--net emulated)")?
         }
         code = interrupts.interrupted() => {
@@ -423,7 +437,17 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         eprintln!("cachemesh-testnet: cannot remove the temporary root: {error}");
     }
     match outcome {
-        Ok(report) => {
+        Ok(mut report) => {
+            if let Some(figures) = network.delay_figures() {
+                report.network.latency.push_str(&format!(
+                    "; the delay thread held {} packets and released them late by {:.0} us on average, {:.0} us at most{}",
+                    figures.packets,
+                    figures.late_mean_us,
+                    figures.late_max_us,
+                    if figures.realtime { "" } else { " (without real-time priority)" }
+                ));
+                report.network.delayer = Some(figures);
+            }
             print!("{}", report.text());
             report.write(&args.out).with_context(|| format!("cannot write the report into {}", args.out.display()))?;
             eprintln!("cachemesh-testnet: wrote {}/report.json, report.md and the charts (*.svg)", args.out.display());

@@ -20,16 +20,21 @@
 //!
 //! Shaping: a `tbf` qdisc on the egress of both ends of a veth shapes both directions of
 //! that link: the node's end is its upload, the bridge's end its download; `cmt<PID>oh` is
-//! the origin's upload, `cmt<PID>ob` its download. Latency is not emulated: it needs
-//! `netem`, which many kernels (this project's CI among them) lack; whether netem exists is
-//! probed at start and reported.
+//! the origin's upload, `cmt<PID>ob` its download.
+//!
+//! Latency (`--latency D`): every packet a node sends waits D before its link, so a round
+//! trip between two hosts takes 2D more, and one between a host and the origin D more. An
+//! `iptables` rule in each node's namespace queues the node's outgoing packets (`NFQUEUE`)
+//! and [`crate::delay::Delayer`] lets each go after D: many kernels (this project's CI
+//! among them) have no `netem`, which would otherwise do it. The round trip is measured
+//! with the delay in place and reported, with how late the delay thread's releases were.
 //!
 //! Invariants: everything created is recorded (under a `std` mutex never held across an
 //! `.await`) before the next step, and [`Emulation::teardown`] removes it all, whether the
 //! trial ended, failed or was interrupted (and on drop, as a last resort); leftovers of runs
 //! whose testnet died (SIGKILL) are removed by [`remove_stale`] when the next run starts.
 //!
-//! Non-goals: IPv6, routing between namespaces and the outside world, latency.
+//! Non-goals: IPv6, routing between namespaces and the outside world, jitter and loss.
 
 use std::net::Ipv4Addr;
 use std::process::Stdio;
@@ -39,6 +44,7 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio::process::Command;
 
+use crate::delay::{DelayFigures, Delayer, Queue, in_namespace};
 use crate::shaping::{Rate, RatePlan};
 
 /// The first bytes of every namespace and link name a run creates.
@@ -59,6 +65,10 @@ const TBF_BURST_MS: u64 = 5;
 const TBF_BURST_BYTES_MIN: u64 = 96 * 1024;
 /// How long a packet may wait in a tbf queue before it is dropped, in milliseconds.
 const TBF_QUEUE_MS: u64 = 50;
+/// Round trips measured between two hosts once the delay is in place.
+const RTT_SAMPLES: usize = 20;
+/// How long one measured round trip may take before the measurement fails.
+const RTT_TIMEOUT: Duration = Duration::from_secs(1);
 /// `arp_ignore` of the bridge: do not answer ARP for any local address.
 const BRIDGE_ARP_IGNORE: &str = "8";
 
@@ -135,8 +145,14 @@ pub struct NetworkReport {
     pub name_prefix: Option<String>,
     /// Whether the kernel has the netem qdisc (None: not probed, on loopback).
     pub netem_available: Option<bool>,
-    /// Latency emulation: always `not emulated` for now, with the reason.
+    /// Latency emulation: how, or why not, in words.
     pub latency: String,
+    /// The one-way delay added to every packet a host sends, in microseconds (None: none).
+    pub delay_us: Option<f64>,
+    /// Round trips measured between two hosts before the trial (None: on loopback).
+    pub rtt: Option<RttFigures>,
+    /// How the delay thread did over the trial (None: no delay emulated).
+    pub delayer: Option<DelayFigures>,
     /// How rates are applied: `tc tbf ...`, `--upload-limit ...`, or `none`.
     pub rates_applied_by: String,
     /// Every host's link rate, each way.
@@ -147,6 +163,21 @@ pub struct NetworkReport {
     pub slow_hosts: usize,
     /// The slow hosts' link rate.
     pub slow_rate: Option<Rate>,
+}
+
+/// Round trips of UDP datagrams between two places, in microseconds.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct RttFigures {
+    /// Between which places.
+    pub between: String,
+    /// Round trips measured.
+    pub samples: usize,
+    /// The shortest.
+    pub min_us: f64,
+    /// The median.
+    pub median_us: f64,
+    /// The longest.
+    pub max_us: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -162,6 +193,10 @@ pub struct Emulation {
     subnet: u32,
     netem_available: bool,
     created: Mutex<Vec<Created>>,
+    /// The delay thread, while latency is emulated.
+    delayer: Mutex<Option<Delayer>>,
+    /// What the delay thread reported when it stopped.
+    delay_figures: Mutex<Option<DelayFigures>>,
 }
 
 /// Runs `program args` and fails with its stderr.
@@ -270,17 +305,32 @@ impl Emulation {
         prefix: String,
         host_rates: &[Option<Rate>],
         origin_rate: Option<Rate>,
+        delay: Option<Duration>,
     ) -> Result<Self, NetworkError> {
         if host_rates.len() > NODES_EMULATED_MAX {
             return Err(NetworkError::TooManyNodes { nodes: host_rates.len() });
         }
         let subnet = free_subnet(std::process::id()).await?;
-        let mut emulation = Self { prefix, subnet, netem_available: false, created: Mutex::new(Vec::new()) };
-        match emulation.build(host_rates, origin_rate).await {
+        let mut emulation = Self {
+            prefix,
+            subnet,
+            netem_available: false,
+            created: Mutex::new(Vec::new()),
+            delayer: Mutex::new(None),
+            delay_figures: Mutex::new(None),
+        };
+        let built = match emulation.build(host_rates, origin_rate, delay.is_some()).await {
             Ok(netem_available) => {
                 emulation.netem_available = netem_available;
-                Ok(emulation)
+                match delay {
+                    Some(delay) => emulation.start_delay(host_rates.len(), delay).await,
+                    None => Ok(()),
+                }
             }
+            Err(error) => Err(error),
+        };
+        match built {
+            Ok(()) => Ok(emulation),
             Err(error) => {
                 for problem in emulation.teardown() {
                     eprintln!("cachemesh-testnet: while undoing a failed network setup: {problem}");
@@ -290,7 +340,44 @@ impl Emulation {
         }
     }
 
-    async fn build(&self, host_rates: &[Option<Rate>], origin_rate: Option<Rate>) -> Result<bool, NetworkError> {
+    /// Opens every node namespace's packet queue and starts the thread that delays them.
+    async fn start_delay(&self, nodes: usize, delay: Duration) -> Result<(), NetworkError> {
+        let namespaces: Vec<String> = (0..nodes).map(|index| self.namespace(index)).collect();
+        let opened = tokio::task::spawn_blocking(move || -> Result<Vec<Queue>, NetworkError> {
+            namespaces
+                .iter()
+                .map(|namespace| {
+                    in_namespace(namespace, Queue::open_here).map_err(|error| NetworkError::Command {
+                        command: format!("open netfilter queue 0 in namespace {namespace}"),
+                        detail: error.to_string(),
+                    })
+                })
+                .collect()
+        })
+        .await
+        .map_err(|error| NetworkError::Command {
+            command: "open netfilter queues".into(),
+            detail: error.to_string(),
+        })??;
+        let delayer = Delayer::start(opened, delay).map_err(|error| NetworkError::Command {
+            command: "start the delay thread".into(),
+            detail: error.to_string(),
+        })?;
+        *self.delayer.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(delayer);
+        Ok(())
+    }
+
+    /// What the delay thread reported, once the network is torn down (None: no delay).
+    pub fn delay_figures(&self) -> Option<DelayFigures> {
+        *self.delay_figures.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    async fn build(
+        &self,
+        host_rates: &[Option<Rate>],
+        origin_rate: Option<Rate>,
+        delayed: bool,
+    ) -> Result<bool, NetworkError> {
         let prefix = &self.prefix;
         let bridge = format!("{prefix}b");
         // Each item is recorded before the command that makes it, so that an interruption
@@ -335,6 +422,32 @@ impl Emulation {
             run("ip", &["-n", &namespace, "addr", "add", &address, "dev", &inside]).await?;
             run("ip", &["-n", &namespace, "link", "set", &inside, "up"]).await?;
             run("ip", &["-n", &namespace, "link", "set", "lo", "up"]).await?;
+            if delayed {
+                // Packets leaving the node's link wait in queue 0 of its namespace; with
+                // --queue-bypass they pass undelayed when no delay thread is bound.
+                let queue = crate::delay::QUEUE_NUMBER.to_string();
+                run(
+                    "ip",
+                    &[
+                        "netns",
+                        "exec",
+                        &namespace,
+                        "iptables",
+                        "-t",
+                        "mangle",
+                        "-A",
+                        "POSTROUTING",
+                        "-o",
+                        &inside,
+                        "-j",
+                        "NFQUEUE",
+                        "--queue-num",
+                        &queue,
+                        "--queue-bypass",
+                    ],
+                )
+                .await?;
+            }
             if let Some(rate) = rate {
                 let download = tbf_args(&port, *rate);
                 run("tc", &download.iter().map(String::as_str).collect::<Vec<_>>()).await?;
@@ -349,6 +462,11 @@ impl Emulation {
     /// Removes every namespace and link this network created (their qdiscs go with them);
     /// returns what could not be removed. Safe to call more than once.
     pub fn teardown(&self) -> Vec<String> {
+        // The delay thread first: it lets every packet it holds go before its queues close.
+        let delayer = self.delayer.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        if let Some(mut delayer) = delayer {
+            *self.delay_figures.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(delayer.stop());
+        }
         let created: Vec<Created> =
             std::mem::take(&mut *self.created.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
         let mut problems = Vec::new();
@@ -433,10 +551,14 @@ impl Network {
         host_rates: &[Option<Rate>],
         plan: &RatePlan,
         slow_hosts: usize,
+        delay: Option<Duration>,
     ) -> Result<Self, NetworkError> {
         let mut report = NetworkReport {
             requested: mode.name().to_string(),
-            latency: "not emulated (loopback)".into(),
+            latency: match delay {
+                Some(_) => "not emulated (loopback: --latency needs the emulated network)".into(),
+                None => "not emulated (loopback)".into(),
+            },
             host_rate: plan.host,
             origin_rate: plan.origin,
             slow_hosts,
@@ -460,7 +582,7 @@ impl Network {
             NetMode::Auto | NetMode::Emulated => {}
         }
         let emulation =
-            match Emulation::create(Emulation::prefix_for(std::process::id()), host_rates, plan.origin).await {
+            match Emulation::create(Emulation::prefix_for(std::process::id()), host_rates, plan.origin, delay).await {
                 Ok(emulation) => emulation,
                 Err(error) if mode == NetMode::Auto => {
                     return Ok(loopback(report, format!("network namespaces unavailable: {error}")));
@@ -472,11 +594,38 @@ impl Network {
         report.subnet = Some(emulation.subnet_text());
         report.name_prefix = Some(emulation.prefix().to_string());
         report.netem_available = Some(emulation.netem_available());
-        report.latency = if emulation.netem_available() {
-            "not emulated: netem exists on this kernel, but the testnet shapes bandwidth only (tbf)".into()
+        let (from, to) = if host_rates.len() > 1 {
+            (emulation.node(0), emulation.node(1))
         } else {
-            "not emulated: this kernel has no netem qdisc (tbf shapes bandwidth only)".into()
+            (emulation.node(0), emulation.origin())
         };
+        let between = if host_rates.len() > 1 { "node 0 and node 1" } else { "node 0 and the origin" }.to_string();
+        let rtt = tokio::task::spawn_blocking(move || measure_rtt(&from, &to, between))
+            .await
+            .map_err(|error| NetworkError::Command {
+                command: "measure round trips".into(),
+                detail: error.to_string(),
+            })?
+            .map_err(|error| NetworkError::Command {
+                command: "measure round trips with UDP datagrams".into(),
+                detail: error.to_string(),
+            })?;
+        let measured = format!(
+            "round trip between {}: min {:.0} us, median {:.0} us, max {:.0} us over {} datagrams",
+            rtt.between, rtt.min_us, rtt.median_us, rtt.max_us, rtt.samples
+        );
+        report.latency = match delay {
+            None => format!("not emulated (no --latency); {measured}"),
+            Some(delay) => {
+                report.delay_us = Some(delay.as_secs_f64() * 1e6);
+                format!(
+                    "{} us one-way on every host's egress (NFQUEUE and a delay thread{}); {measured}",
+                    delay.as_micros(),
+                    if emulation.netem_available() { "" } else { "; this kernel has no netem" },
+                )
+            }
+        };
+        report.rtt = Some(rtt);
         report.rates_applied_by = if plan.any() {
             "tc tbf on the egress of both ends of each veth (each link shaped both ways)".into()
         } else {
@@ -510,6 +659,55 @@ impl Network {
     pub fn teardown(&self) -> Vec<String> {
         self.emulation.as_ref().map(Emulation::teardown).unwrap_or_default()
     }
+
+    /// What the delay thread reported (after [`Network::teardown`]; None: no delay).
+    pub fn delay_figures(&self) -> Option<DelayFigures> {
+        self.emulation.as_ref().and_then(Emulation::delay_figures)
+    }
+}
+
+/// A UDP socket bound to `place`'s address, in its namespace.
+fn udp_socket(place: &Place) -> std::io::Result<std::net::UdpSocket> {
+    let address = place.address;
+    let bind = move || {
+        let socket = std::net::UdpSocket::bind((address, 0))?;
+        socket.set_read_timeout(Some(RTT_TIMEOUT))?;
+        Ok(socket)
+    };
+    match &place.namespace {
+        Some(namespace) => in_namespace(namespace, bind),
+        None => bind(),
+    }
+}
+
+/// Measures [`RTT_SAMPLES`] round trips of a small UDP datagram from `from` to `to` and
+/// back (one thread plays both ends, so the figure is the network's, plus two system calls).
+fn measure_rtt(from: &Place, to: &Place, between: String) -> std::io::Result<RttFigures> {
+    let (near, far) = (udp_socket(from)?, udp_socket(to)?);
+    let far_address = far.local_addr()?;
+    let mut buffer = [0u8; 64];
+    let mut samples = Vec::with_capacity(RTT_SAMPLES);
+    for round in 0..RTT_SAMPLES as u32 {
+        let started = std::time::Instant::now();
+        near.send_to(&round.to_be_bytes(), far_address)?;
+        let (read, sender) = far.recv_from(&mut buffer)?;
+        far.send_to(&buffer[..read], sender)?;
+        loop {
+            let (read, sender) = near.recv_from(&mut buffer)?;
+            if sender == far_address && buffer[..read] == round.to_be_bytes() {
+                break;
+            }
+        }
+        samples.push(started.elapsed().as_secs_f64() * 1e6);
+    }
+    samples.sort_by(f64::total_cmp);
+    Ok(RttFigures {
+        between,
+        samples: samples.len(),
+        min_us: samples[0],
+        median_us: samples[samples.len() / 2],
+        max_us: samples[samples.len() - 1],
+    })
 }
 
 /// Whether the netem qdisc can be attached (it is removed again at once).

@@ -274,6 +274,42 @@ fn shaped_cold_start_gets_every_node_the_object_within_one_origin_copy() {
 }
 
 #[test]
+fn latency_is_added_to_every_host_and_the_measured_round_trip_includes_it() {
+    // Goal: `--latency 2ms` delays every packet a host sends by 2 ms (an NFQUEUE rule per
+    // namespace and the testnet's delay thread, no netem needed), so the round trip between
+    // two hosts, measured with the delay in place, is at least 4 ms (a lower bound: a busy
+    // machine only adds to it); the run passes and leaves no namespace behind. Without
+    // emulation the testnet refuses --latency on loopback rather than ignore it.
+    let (refused, _, _) = run_scenario("cold-start", "2", "1MiB", &["--net", "loopback", "--latency", "1ms"]);
+    assert!(!refused.status.success(), "--latency on loopback must be refused");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("--latency needs the emulated network"), "{stderr}");
+    if !can_emulate() {
+        eprintln!("not root or no namespaces here: only the refusal on loopback was checked");
+        return;
+    }
+    let report = assert_run_passes(
+        "cold-start",
+        "3",
+        "8MiB",
+        &["--host-rate", "200Mbit", "--latency", "2ms"],
+        &["identical_bytes", "origin_egress_one_copy"],
+    );
+    let network = &report["network"];
+    assert_eq!(network["mode"], "emulated", "{network}");
+    assert_eq!(network["delay_us"].as_f64(), Some(2000.0), "{network}");
+    let rtt = &network["rtt"];
+    assert_eq!(rtt["between"], "node 0 and node 1", "{network}");
+    assert!(rtt["min_us"].as_f64().unwrap() >= 4000.0, "each way waits 2 ms: {network}");
+    let delayer = &network["delayer"];
+    assert!(delayer["packets"].as_u64().unwrap() > 1000, "the trial's packets went through the delay: {network}");
+    assert!(delayer["error"].is_null(), "{network}");
+    assert!(network["latency"].as_str().unwrap().contains("2000 us one-way"), "{network}");
+    let pid: u32 = network["name_prefix"].as_str().unwrap().trim_start_matches("cmt").parse().unwrap();
+    assert_eq!(network_left_by(pid), Vec::<String>::new(), "the run's namespaces and links are gone");
+}
+
+#[test]
 fn peer_killed_survivors_complete_with_identical_bytes() {
     // Goal: a node SIGKILLed mid-transfer does not stop the survivors' reads or corrupt them.
     assert_scenario_passes("peer-killed", &["killed_while_in_flight", "survivors_identical_bytes"]);
@@ -524,6 +560,7 @@ fn help_lists_every_scenario_and_parameter() {
                 "--origin-only",
                 "--pin",
                 "--cut-seconds",
+                "--latency",
             ] {
                 assert!(text.contains(flag), "run --help does not mention {flag}:\n{text}");
             }
