@@ -267,9 +267,14 @@ impl Queue {
     fn take_arrivals(&mut self, buffer: &mut [u8], release_at: Instant) -> io::Result<()> {
         loop {
             let read = match (&self.socket).read(buffer) {
+                Ok(0) => return Ok(()),
                 Ok(read) => read,
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                // The socket's buffer overflowed and some packet messages were lost; their
+                // packets wait in the kernel's queue and go with the next batch verdict,
+                // which accepts every id up to its own.
+                Err(error) if error.raw_os_error() == Some(libc::ENOBUFS) => continue,
                 Err(error) => return Err(error),
             };
             for incoming in parse(&buffer[..read]) {
