@@ -26,6 +26,7 @@
 //! would not start or mesh), 130/143/129 when interrupted by SIGINT/SIGTERM/SIGHUP.
 
 mod charts;
+mod cpu;
 mod data;
 mod delay;
 mod metrics;

@@ -16,6 +16,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::charts;
+use crate::cpu::MachineCpu;
 use crate::network::NetworkReport;
 use crate::proxy::ProxyFigures;
 use crate::shaping::{KumarRoss, Rate};
@@ -180,6 +181,9 @@ pub struct Report {
     /// The measured time beside the least the emulated rates allow (cold-start on an
     /// emulated network with rates set; None otherwise).
     pub kumar_ross: Option<KumarRossReport>,
+    /// How busy the machine's CPUs were during cold-start's reads (None: other scenarios,
+    /// or no /proc/stat).
+    pub machine_cpu: Option<MachineCpu>,
     /// Per node.
     pub rows: Vec<NodeRow>,
     /// Origin egress.
@@ -305,6 +309,15 @@ impl Report {
         if let Some(seconds) = self.put_seconds {
             let rate = if seconds > 0.0 { size as f64 / seconds / 1e6 } else { 0.0 };
             let _ = writeln!(out, "{bullet}put took {seconds:.3} s ({rate:.0} MB/s)");
+        }
+        if let Some(cpu) = &self.machine_cpu {
+            let _ = writeln!(
+                out,
+                "{bullet}machine CPU during the reads: {:.0}% busy ({:.2} of {} cores)",
+                cpu.busy_fraction * 100.0,
+                cpu.busy_fraction * cpu.cores as f64,
+                cpu.cores
+            );
         }
         let fleet: Vec<f64> = self.rows.iter().filter_map(|row| row.seconds).collect();
         if let Some(slowest) = fleet.iter().copied().reduce(f64::max) {
@@ -491,6 +504,7 @@ pub(crate) fn test_report(rows: Vec<NodeRow>) -> Report {
         mesh_formed_seconds: None,
         network: NetworkReport::default(),
         kumar_ross: None,
+        machine_cpu: None,
         rows,
         origin: OriginReport::default(),
         checks: Vec::new(),

@@ -28,6 +28,7 @@ use std::time::Duration;
 use cachemesh_proto::ObjectId;
 use tokio_util::sync::CancellationToken;
 
+use crate::cpu::{BUSY_NOTE_AT, CpuTimes};
 use crate::data::{Digest, Pattern};
 use crate::metrics::{Metrics, counter_deltas};
 use crate::network::{NetMode, NetworkReport, Place};
@@ -437,6 +438,7 @@ pub async fn run(params: &Params, processes: &Processes, root: &Path, shutdown: 
         mesh_formed_seconds: None,
         network: params.network.clone(),
         kumar_ross: None,
+        machine_cpu: None,
         rows: Vec::new(),
         origin: OriginReport::default(),
         checks: Vec::new(),
@@ -764,7 +766,18 @@ async fn cold_start(params: &Params, trial: &mut Trial, report: &mut Report) -> 
                 .into(),
         );
     }
+    let cpu_before = CpuTimes::now();
     let transfers = read_all(params, trial, all.clone()).await;
+    report.machine_cpu = cpu_before.zip(CpuTimes::now()).and_then(|(before, after)| before.until(after));
+    if let Some(cpu) = report.machine_cpu
+        && cpu.busy_fraction >= BUSY_NOTE_AT
+    {
+        report.notes.push(format!(
+            "the machine's {} cores were {:.0}% busy during the reads: its CPU, not only the links, may have set the pace",
+            cpu.cores,
+            cpu.busy_fraction * 100.0
+        ));
+    }
     finish_rows(params, trial, &transfers, &[], report).await;
     report.checks.push(identical_bytes_check("identical_bytes", report, &all));
     report.checks.push(egress_check("origin_egress_one_copy", report.origin.chunk_get_bytes, params.object_size, 1.0));

@@ -235,6 +235,11 @@ fn shaped_cold_start_gets_every_node_the_object_within_one_origin_copy() {
         assert_eq!(check.unwrap_or_else(|| panic!("no check {name}:\n{explanation}"))["passed"], true, "{name}");
     }
     assert!(report["origin"]["egress_ratio"].as_f64().unwrap() <= 1.02, "{explanation}");
+    // How busy the machine was during the reads is reported (never checked against a limit).
+    let cpu = &report["machine_cpu"];
+    assert!(cpu["cores"].as_u64().is_some_and(|cores| cores >= 1), "{cpu}");
+    assert!(cpu["busy_fraction"].as_f64().is_some_and(|busy| (0.0..=1.0).contains(&busy)), "{cpu}");
+    assert!(String::from_utf8_lossy(&output.stdout).contains("machine CPU during the reads"), "{explanation}");
     let network = &report["network"];
     if emulated {
         assert_eq!(network["mode"], "emulated", "root runs on emulated links:\n{explanation}");
