@@ -600,20 +600,19 @@ impl Network {
             (emulation.node(0), emulation.origin())
         };
         let between = if host_rates.len() > 1 { "node 0 and node 1" } else { "node 0 and the origin" }.to_string();
-        let rtt = tokio::task::spawn_blocking(move || measure_rtt(&from, &to, between))
-            .await
-            .map_err(|error| NetworkError::Command {
-                command: "measure round trips".into(),
-                detail: error.to_string(),
-            })?
-            .map_err(|error| NetworkError::Command {
-                command: "measure round trips with UDP datagrams".into(),
-                detail: error.to_string(),
-            })?;
-        let measured = format!(
-            "round trip between {}: min {:.0} us, median {:.0} us, max {:.0} us over {} datagrams",
-            rtt.between, rtt.min_us, rtt.median_us, rtt.max_us, rtt.samples
-        );
+        // A failed measurement is reported, not fatal: the trial does not depend on it.
+        let rtt = match tokio::task::spawn_blocking(move || measure_rtt(&from, &to, between)).await {
+            Ok(Ok(rtt)) => Ok(rtt),
+            Ok(Err(error)) => Err(error.to_string()),
+            Err(error) => Err(error.to_string()),
+        };
+        let measured = match &rtt {
+            Ok(rtt) => format!(
+                "round trip between {}: min {:.0} us, median {:.0} us, max {:.0} us over {} datagrams",
+                rtt.between, rtt.min_us, rtt.median_us, rtt.max_us, rtt.samples
+            ),
+            Err(error) => format!("round trip not measured ({error})"),
+        };
         report.latency = match delay {
             None => format!("not emulated (no --latency); {measured}"),
             Some(delay) => {
@@ -625,7 +624,7 @@ impl Network {
                 )
             }
         };
-        report.rtt = Some(rtt);
+        report.rtt = rtt.ok();
         report.rates_applied_by = if plan.any() {
             "tc tbf on the egress of both ends of each veth (each link shaped both ways)".into()
         } else {
