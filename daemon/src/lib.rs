@@ -23,3 +23,4 @@ pub mod relay;
 pub mod store;
 pub mod transport;
 pub mod volume;
+pub mod window;

@@ -9,7 +9,8 @@
 //!
 //! Get: the manifest is found locally or in the origin (and checked against its id), then
 //! the chunks covering the requested range are fetched with [`FETCH_WINDOW_CHUNKS`] in
-//! flight, in order, and cut to the range.
+//! flight and returned in order, cut to the range; chunks that arrive before an earlier
+//! one wait, up to [`READ_HELD_CHUNKS`] held in all, while the fetches go on.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -26,11 +27,15 @@ use crate::fetch::{FetchError, Fetcher, ObjectContext, Source};
 use crate::origin::OriginError;
 use crate::picker::{Pick, Picker};
 use crate::store::StoreError;
+use crate::window;
 
 /// Chunks of one put being hashed, stored and uploaded at once.
 pub const PUT_WINDOW_CHUNKS: usize = 8;
 /// Chunks of one read in flight at once.
 pub const FETCH_WINDOW_CHUNKS: usize = 8;
+/// Chunks of one read held at once: in flight, or arrived and waiting for an earlier chunk
+/// (see `window`). Bounds a read's memory: 64 MiB of 4 MiB chunks.
+pub const READ_HELD_CHUNKS: usize = 2 * FETCH_WINDOW_CHUNKS;
 /// Chunks of a pin in flight at once that no peer still fetching the object holds, per
 /// peer holding all of it (or for the origin, when none does): those chunks come from the
 /// whole holders or the origin, through the chunks' homes, whose upload every node warming
@@ -231,26 +236,12 @@ impl Objects {
         let fetcher = self.fetcher.clone();
         let indexes = manifest.chunks_covering(&range);
         let context = Arc::new(ObjectContext { object });
-        futures::stream::iter(indexes)
-            .map(move |index| {
-                let fetcher = fetcher.clone();
-                let manifest = manifest.clone();
-                let range = range.clone();
-                let context = context.clone();
-                async move {
-                    let id = manifest.chunks()[index];
-                    let fetched = tokio::spawn(async move { fetcher.chunk(id, Some((&context, index))).await }).await;
-                    let (bytes, source) = fetched.map_err(|_| FetchError::Interrupted(id))??;
-                    let chunk_range = manifest.chunk_range(index).unwrap_or(0..0);
-                    let start = range.start.max(chunk_range.start) - chunk_range.start;
-                    let end = range.end.min(chunk_range.end) - chunk_range.start;
-                    let piece = bytes.slice(start as usize..end as usize);
-                    metrics::counter!("cachemesh_bytes_served_total", "source" => source.label())
-                        .increment(piece.len() as u64);
-                    Ok::<_, FetchError>(piece)
-                }
-            })
-            .buffered(FETCH_WINDOW_CHUNKS)
+        let fetch_one = move |index: usize| {
+            let (fetcher, manifest, range, context) =
+                (fetcher.clone(), manifest.clone(), range.clone(), context.clone());
+            async move { (index, read_piece(fetcher, &manifest, &range, context, index).await) }
+        };
+        window::ordered(indexes, FETCH_WINDOW_CHUNKS, READ_HELD_CHUNKS, fetch_one)
     }
 
     /// Fetches every chunk of `id` into the store and pins it there.
@@ -344,4 +335,24 @@ impl Objects {
         let manifest = self.open(id).await?;
         Ok(self.fetcher.store().unpin_object(id, &manifest).await?)
     }
+}
+
+/// The part of chunk `index` of `manifest` that `range` covers, fetched across the tiers.
+async fn read_piece(
+    fetcher: Fetcher,
+    manifest: &Manifest,
+    range: &Range<u64>,
+    context: Arc<ObjectContext>,
+    index: usize,
+) -> Result<Bytes, FetchError> {
+    let id = manifest.chunks()[index];
+    // Its own task: a fetch keeps going (and is coalesced with) while this read waits.
+    let fetched = tokio::spawn(async move { fetcher.chunk(id, Some((&context, index))).await }).await;
+    let (bytes, source) = fetched.map_err(|_| FetchError::Interrupted(id))??;
+    let chunk_range = manifest.chunk_range(index).unwrap_or(0..0);
+    let start = range.start.max(chunk_range.start) - chunk_range.start;
+    let end = range.end.min(chunk_range.end) - chunk_range.start;
+    let piece = bytes.slice(start as usize..end as usize);
+    metrics::counter!("cachemesh_bytes_served_total", "source" => source.label()).increment(piece.len() as u64);
+    Ok(piece)
 }
