@@ -47,6 +47,8 @@ const QUEUE_MAX_PACKETS: u32 = 16 * 1024;
 const IDLE_WAKE: Duration = Duration::from_millis(50);
 /// Receive buffer of a queue's socket: room for bursts of packet messages.
 const SOCKET_RECEIVE_BUFFER_BYTES: usize = 4 * 1024 * 1024;
+/// One read from a queue's socket: hundreds of metadata-only packet messages.
+const READ_BUFFER_BYTES: usize = 256 * 1024;
 /// The real-time priority the delayer asks for (SCHED_FIFO, low: above every normal thread).
 const REALTIME_PRIORITY: libc::c_int = 10;
 
@@ -250,7 +252,7 @@ impl Queue {
 
     /// Reads until the kernel acknowledges the last request (blocking socket).
     fn await_ack(&mut self) -> io::Result<()> {
-        let mut buffer = vec![0u8; 64 * 1024];
+        let mut buffer = vec![0u8; READ_BUFFER_BYTES];
         loop {
             let read = (&self.socket).read(&mut buffer)?;
             for incoming in parse(&buffer[..read]) {
@@ -288,15 +290,11 @@ impl Queue {
     /// Accepts every held packet due by `now` in one verdict; returns how many, and the
     /// lateness of the oldest (the most late).
     fn release_due(&mut self, now: Instant) -> io::Result<(u64, Duration)> {
-        let due = self.held.partition_point(|(at, _)| *at <= now);
-        if due == 0 {
+        let Some(Due { last, count, late }) = take_due(&mut self.held, now) else {
             return Ok((0, Duration::ZERO));
-        }
-        let late = now.saturating_duration_since(self.held[0].0);
-        let (_, last) = self.held[due - 1];
+        };
         (&self.socket).write_all(&accept_through(QUEUE_NUMBER, last))?;
-        self.held.drain(..due);
-        Ok((due as u64, late))
+        Ok((count, late))
     }
 
     fn next_release(&self) -> Option<Instant> {
@@ -304,8 +302,29 @@ impl Queue {
     }
 }
 
+/// The packets [`take_due`] released.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Due {
+    /// The id of the last one: a batch verdict accepts every id up to it.
+    last: u32,
+    /// How many.
+    count: u64,
+    /// How late the oldest was.
+    late: Duration,
+}
+
+/// Removes from `held` (oldest first) the packets whose release time is `now` or earlier;
+/// None when there is none.
+fn take_due(held: &mut VecDeque<(Instant, u32)>, now: Instant) -> Option<Due> {
+    let count = held.partition_point(|(at, _)| *at <= now);
+    let (oldest, _) = *held.front().filter(|_| count > 0)?;
+    let (_, last) = held[count - 1];
+    held.drain(..count);
+    Some(Due { last, count: count as u64, late: now.saturating_duration_since(oldest) })
+}
+
 /// How the delayer did: packets delayed, and how late its releases were.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct DelayFigures {
     /// Packets (GSO packets count once) held and released.
     pub packets: u64,
@@ -318,7 +337,7 @@ pub struct DelayFigures {
     /// Whether the delay thread got real-time priority.
     pub realtime: bool,
     /// The error that stopped the delay thread early, if one did.
-    pub error: Option<&'static str>,
+    pub error: Option<String>,
 }
 
 /// The thread holding every namespace's packets for the delay.
@@ -326,6 +345,8 @@ pub struct DelayFigures {
 pub struct Delayer {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<DelayFigures>>,
+    /// What the thread reported, once stopped.
+    figures: Option<DelayFigures>,
 }
 
 impl Delayer {
@@ -336,13 +357,23 @@ impl Delayer {
         let thread = std::thread::Builder::new()
             .name("testnet-delay".into())
             .spawn(move || delay_loop(queues, delay, &thread_stop))?;
-        Ok(Self { stop, thread: Some(thread) })
+        Ok(Self { stop, thread: Some(thread), figures: None })
     }
 
-    /// Stops the thread (releasing every packet it holds) and returns its figures.
-    pub fn stop(&mut self) -> DelayFigures {
+    /// Stops the thread (releasing every packet it holds); later calls do nothing.
+    pub fn stop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        self.thread.take().and_then(|thread| thread.join().ok()).unwrap_or_default()
+        if let Some(thread) = self.thread.take() {
+            self.figures = Some(thread.join().unwrap_or_else(|_| DelayFigures {
+                error: Some("the delay thread panicked".into()),
+                ..DelayFigures::default()
+            }));
+        }
+    }
+
+    /// What the thread reported (None until [`Delayer::stop`]).
+    pub fn figures(&self) -> Option<&DelayFigures> {
+        self.figures.as_ref()
     }
 }
 
@@ -386,7 +417,7 @@ fn wait_readable(fds: &mut [libc::pollfd], timeout: Duration) -> io::Result<()> 
 fn delay_loop(mut queues: Vec<Queue>, delay: Duration, stop: &AtomicBool) -> DelayFigures {
     let mut figures = DelayFigures { realtime: make_thread_prompt(), ..DelayFigures::default() };
     let mut late_total = Duration::ZERO;
-    let mut buffer = vec![0u8; 256 * 1024];
+    let mut buffer = vec![0u8; READ_BUFFER_BYTES];
     let raw: Vec<RawFd> = queues.iter().map(|queue| queue.socket.as_raw_fd()).collect();
     let mut fds: Vec<libc::pollfd> =
         raw.iter().map(|&fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 }).collect();
@@ -419,7 +450,7 @@ fn delay_loop(mut queues: Vec<Queue>, delay: Duration, stop: &AtomicBool) -> Del
     };
     if let Err(error) = run() {
         eprintln!("cachemesh-testnet: the delay thread stopped: {error}");
-        figures.error = Some("the delay thread stopped early (see the testnet's output)");
+        figures.error = Some(format!("the delay thread stopped early: {error}"));
     }
     // Let everything held go before the sockets close (closing drops what a queue holds).
     let far = Instant::now() + Duration::from_secs(3600);
@@ -440,6 +471,21 @@ mod tests {
         let length = u16::from_ne_bytes([bytes[at], bytes[at + 1]]);
         let kind = u16::from_ne_bytes([bytes[at + 2], bytes[at + 3]]);
         (length, kind, &bytes[at + 4..at + length as usize])
+    }
+
+    #[test]
+    fn packets_leave_in_order_and_none_before_its_time() {
+        let start = Instant::now();
+        let at = |micros: u64| start + Duration::from_micros(micros);
+        let mut held: VecDeque<(Instant, u32)> = [(at(100), 7), (at(150), 8), (at(300), 9)].into();
+        assert_eq!(take_due(&mut held, at(99)), None, "nothing is due before its time");
+        assert_eq!(held.len(), 3);
+        let due = take_due(&mut held, at(160)).unwrap();
+        assert_eq!(due, Due { last: 8, count: 2, late: Duration::from_micros(60) });
+        assert_eq!(held, VecDeque::from([(at(300), 9)]), "the later packet stays");
+        assert_eq!(take_due(&mut held, at(300)).map(|due| due.last), Some(9), "due exactly at its time");
+        assert!(held.is_empty());
+        assert_eq!(take_due(&mut held, at(1000)), None);
     }
 
     #[test]

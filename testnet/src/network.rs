@@ -193,10 +193,8 @@ pub struct Emulation {
     subnet: u32,
     netem_available: bool,
     created: Mutex<Vec<Created>>,
-    /// The delay thread, while latency is emulated.
+    /// The delay thread when latency is emulated (stopped at teardown, kept for its figures).
     delayer: Mutex<Option<Delayer>>,
-    /// What the delay thread reported when it stopped.
-    delay_figures: Mutex<Option<DelayFigures>>,
 }
 
 /// Runs `program args` and fails with its stderr.
@@ -311,14 +309,8 @@ impl Emulation {
             return Err(NetworkError::TooManyNodes { nodes: host_rates.len() });
         }
         let subnet = free_subnet(std::process::id()).await?;
-        let mut emulation = Self {
-            prefix,
-            subnet,
-            netem_available: false,
-            created: Mutex::new(Vec::new()),
-            delayer: Mutex::new(None),
-            delay_figures: Mutex::new(None),
-        };
+        let mut emulation =
+            Self { prefix, subnet, netem_available: false, created: Mutex::new(Vec::new()), delayer: Mutex::new(None) };
         let built = match emulation.build(host_rates, origin_rate, delay.is_some()).await {
             Ok(netem_available) => {
                 emulation.netem_available = netem_available;
@@ -369,7 +361,7 @@ impl Emulation {
 
     /// What the delay thread reported, once the network is torn down (None: no delay).
     pub fn delay_figures(&self) -> Option<DelayFigures> {
-        *self.delay_figures.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.delayer.lock().unwrap_or_else(std::sync::PoisonError::into_inner).as_ref()?.figures().cloned()
     }
 
     async fn build(
@@ -463,9 +455,8 @@ impl Emulation {
     /// returns what could not be removed. Safe to call more than once.
     pub fn teardown(&self) -> Vec<String> {
         // The delay thread first: it lets every packet it holds go before its queues close.
-        let delayer = self.delayer.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
-        if let Some(mut delayer) = delayer {
-            *self.delay_figures.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(delayer.stop());
+        if let Some(delayer) = self.delayer.lock().unwrap_or_else(std::sync::PoisonError::into_inner).as_mut() {
+            delayer.stop();
         }
         let created: Vec<Created> =
             std::mem::take(&mut *self.created.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
@@ -594,12 +585,12 @@ impl Network {
         report.subnet = Some(emulation.subnet_text());
         report.name_prefix = Some(emulation.prefix().to_string());
         report.netem_available = Some(emulation.netem_available());
-        let (from, to) = if host_rates.len() > 1 {
-            (emulation.node(0), emulation.node(1))
+        let (to, between) = if host_rates.len() > 1 {
+            (emulation.node(1), "node 0 and node 1")
         } else {
-            (emulation.node(0), emulation.origin())
+            (emulation.origin(), "node 0 and the origin")
         };
-        let between = if host_rates.len() > 1 { "node 0 and node 1" } else { "node 0 and the origin" }.to_string();
+        let (from, between) = (emulation.node(0), between.to_string());
         // A failed measurement is reported, not fatal: the trial does not depend on it.
         let rtt = match tokio::task::spawn_blocking(move || measure_rtt(&from, &to, between)).await {
             Ok(Ok(rtt)) => Ok(rtt),
