@@ -413,9 +413,7 @@ impl Fetcher {
                 // copy; instead the chunk's first home candidate that is not one of them
                 // fetches it once for the DC and serves it to the others (and they to each
                 // other, as holders).
-                let home = mesh.home_order(&id).into_iter().find(|candidate| {
-                    candidate.is_none_or(|home| !complete.iter().any(|holder| holder.peer_id == home.peer_id))
-                });
+                let home = mesh.object_home_order(&object, index, &complete).into_iter().next();
                 match home {
                     Some(None) => return self.fetch_as_home(id, of, mesh).await,
                     Some(Some(home)) => {
@@ -431,7 +429,11 @@ impl Fetcher {
                 }
             }
         }
-        for home in mesh.home_order(&id) {
+        let homes = match of {
+            Some((object, index)) => mesh.object_home_order(&object, index, &[]),
+            None => mesh.home_order(&id),
+        };
+        for home in homes {
             match home {
                 // This node is the home: coalesce with peers' home requests.
                 None => return self.fetch_as_home(id, of, mesh).await,

@@ -46,7 +46,7 @@ use crate::discovery::{BootstrapAddr, Discovery, DiscoveryConfig};
 use crate::fetch::{FetchError, Fetcher, HomeAnswer, Source};
 use crate::hedge::HedgePolicy;
 use crate::identity::{ClusterKey, NodeIdentity};
-use crate::placement::{Position, home_order};
+use crate::placement::{Position, home_order, object_home_order};
 use crate::relay::Relay;
 use crate::transport::{ChunkService, DataPlane, DataPlaneConfig, HomeChunk, HomeFetchError, PeerError, PeerTarget};
 
@@ -526,14 +526,37 @@ impl Mesh {
 
     /// Home candidates for `chunk`, best first: `None` is this node.
     pub fn home_order(&self, chunk: &ChunkId) -> Vec<Option<PeerTarget>> {
+        self.home_candidates(&[], |ranked| home_order(chunk, ranked))
+    }
+
+    /// Home candidates for chunk `index` of `object`, best first (`None` is this node),
+    /// leaving out the members in `excluding`: homes balanced over the object's chunks
+    /// (see [`crate::placement`]).
+    pub fn object_home_order(
+        &self,
+        object: &ObjectId,
+        index: usize,
+        excluding: &[PeerTarget],
+    ) -> Vec<Option<PeerTarget>> {
+        self.home_candidates(excluding, |ranked| object_home_order(object, index, ranked))
+    }
+
+    fn home_candidates(
+        &self,
+        excluding: &[PeerTarget],
+        order: impl FnOnce(&[(Option<PeerId>, Position)]) -> Vec<Option<PeerId>>,
+    ) -> Vec<Option<PeerTarget>> {
         let members = self.discovery.members();
         let mut ranked: Vec<(Option<PeerId>, Position)> = vec![(None, self.self_position)];
         let mut addresses = HashMap::new();
         for member in members {
+            if excluding.iter().any(|excluded| excluded.peer_id == member.peer_id) {
+                continue;
+            }
             ranked.push((Some(member.peer_id), Position::of_peer(&member.peer_id.to_bytes())));
             addresses.insert(member.peer_id, member.data_addr);
         }
-        home_order(chunk, &ranked)
+        order(&ranked)
             .into_iter()
             .take(HOME_CANDIDATES_MAX)
             .map(|peer| peer.and_then(|peer_id| addresses.get(&peer_id).map(|&addr| PeerTarget { peer_id, addr })))
