@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use bytes::Bytes;
 use cachemesh_proto::ObjectId;
 use cachemesh_proto::api::{
-    ChangeResponse, ErrorBody, ErrorCode, FileEntry, ListFilesResponse, PrefetchRequest, PrefetchResponse,
-    PutFileResponse, PutObjectResponse, RenameRequest, StatusResponse,
+    ChangeResponse, ErrorBody, ErrorCode, FileEntry, ListFilesResponse, PeersResponse, PrefetchRequest,
+    PrefetchResponse, PutFileResponse, PutObjectResponse, RenameRequest, StatusResponse,
 };
 use cachemesh_proto::limits::API_SOCKET_BUFFER_BYTES;
 use http::{Method, Request, Response, StatusCode};
@@ -120,6 +120,12 @@ impl Client {
     /// `GET /v1/status`.
     pub async fn status(&self) -> Result<StatusResponse, ClientError> {
         let (status, body) = self.send_bytes(Method::GET, "/v1/status", Bytes::new()).await?;
+        parse_json(status, &body)
+    }
+
+    /// `GET /v1/peers`.
+    pub async fn peers(&self) -> Result<PeersResponse, ClientError> {
+        let (status, body) = self.send_bytes(Method::GET, "/v1/peers", Bytes::new()).await?;
         parse_json(status, &body)
     }
 

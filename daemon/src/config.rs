@@ -101,6 +101,11 @@ pub struct Settings {
     /// Upload budget for serving peers, e.g. 500MiB (per second); unlimited by default.
     #[arg(long, global = true, env = "CACHEMESH_UPLOAD_LIMIT", value_name = "RATE")]
     pub upload_limit: Option<ByteRate>,
+    /// This host's network rate each way, e.g. 12500000 or 100MiB (bytes per second). Announced to the
+    /// DC, which makes homes of fewer chunks of hosts with slower links; unset, the host counts as
+    /// fast as the fastest that set one.
+    #[arg(long, global = true, env = "CACHEMESH_LINK_RATE", value_name = "RATE")]
+    pub link_rate: Option<ByteRate>,
     /// Records between volume snapshots in the origin (a writer that appends a multiple of it writes one).
     #[arg(long, global = true, env = "CACHEMESH_VOLUME_SNAPSHOT_INTERVAL", value_name = "RECORDS")]
     pub volume_snapshot_interval: Option<u64>,
@@ -124,7 +129,7 @@ impl std::str::FromStr for ByteRate {
         let size = text.trim().strip_suffix("/s").unwrap_or(text.trim());
         let size: ByteSize = size.parse()?;
         if size.0 == 0 {
-            return Err("an upload limit must be above zero".to_string());
+            return Err("a rate must be above zero".to_string());
         }
         Ok(Self(size.0))
     }
@@ -162,6 +167,8 @@ pub struct MeshConfig {
     pub bootstrap: Vec<String>,
     /// Upload budget in bytes per second.
     pub upload_limit_bytes_per_second: Option<u64>,
+    /// This host's link rate in bytes per second, announced for home placement.
+    pub link_rate_bytes_per_second: Option<u64>,
 }
 
 /// How logs are written to stderr.
@@ -294,6 +301,7 @@ impl Config {
         let data_listen = flags.data_listen.or(file.data_listen);
         let bootstrap = flags.bootstrap.clone().or_else(|| file.bootstrap.clone());
         let upload_limit = flags.upload_limit.or(file.upload_limit);
+        let link_rate = flags.link_rate.or(file.link_rate);
         let Some(cluster_key) = flags.cluster_key.clone().or_else(|| file.cluster_key.clone()) else {
             if p2p_listen.is_some() || data_listen.is_some() || bootstrap.is_some() || dc.is_some() {
                 return Err(ConfigError::Invalid(
@@ -323,6 +331,7 @@ impl Config {
             data_listen: data_listen.unwrap_or(default_data_listen),
             bootstrap: bootstrap.unwrap_or_default(),
             upload_limit_bytes_per_second: upload_limit.map(|rate| rate.0),
+            link_rate_bytes_per_second: link_rate.map(|rate| rate.0).filter(|&rate| rate > 0),
         }))
     }
 
@@ -424,6 +433,23 @@ mod tests {
         assert!(Config::resolve(Some(Path::new("/dev/null")), flags).is_err());
         assert_eq!("100MiB/s".parse::<ByteRate>(), Ok(ByteRate(100 << 20)));
         assert!("0/s".parse::<ByteRate>().is_err());
+    }
+
+    #[test]
+    fn link_rate_comes_from_the_file_or_a_flag() {
+        // Goal: the link rate announced for home placement is read like the other mesh
+        // settings: a flag wins over the file; unset, none is announced.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "cluster_key = \"/k\"\nlink_rate = \"100MiB\"\n").unwrap();
+        let mesh = Config::resolve(Some(&path), Settings::default()).unwrap().mesh.unwrap();
+        assert_eq!(mesh.link_rate_bytes_per_second, Some(100 << 20));
+        let flags = Settings { link_rate: Some(ByteRate(3_125_000)), ..Settings::default() };
+        let mesh = Config::resolve(Some(&path), flags).unwrap().mesh.unwrap();
+        assert_eq!(mesh.link_rate_bytes_per_second, Some(3_125_000));
+        let flags = Settings { cluster_key: Some("/k".into()), ..Settings::default() };
+        let mesh = Config::resolve(Some(Path::new("/dev/null")), flags).unwrap().mesh.unwrap();
+        assert_eq!(mesh.link_rate_bytes_per_second, None);
     }
 
     #[test]

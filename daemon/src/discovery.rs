@@ -104,7 +104,7 @@ const ANNOUNCEMENT_ADDR_BYTES_MAX: usize = 112;
 /// The most bytes of an encoded peer id (identity multihash of an ed25519 key: 38).
 const PEER_ID_BYTES_MAX: usize = 66;
 /// Version byte of the announcement encoding.
-const ANNOUNCEMENT_VERSION: u8 = 1;
+const ANNOUNCEMENT_VERSION: u8 = 2;
 // version + kind + peer id length + peer id + data address (tag, 16 bytes, port) + address
 // count + addresses with their 2-byte lengths.
 const _: () = assert!(
@@ -422,10 +422,11 @@ pub enum AnnouncementKind {
     Leave,
 }
 
-/// One membership message. Encoding (all integers big-endian): version `u8`, kind `u8`
+/// One membership message. Encoding (all integers big-endian): version `u8` (2), kind `u8`
 /// (0 alive, 1 leave), peer id length `u8` and bytes, data address (`4` + 4 bytes or `6` +
-/// 16 bytes, then port `u16`), address count `u8`, then each p2p address as length `u16`
-/// and multiaddr bytes. At most [`ANNOUNCEMENT_BYTES_MAX`] bytes.
+/// 16 bytes, then port `u16`), link rate `u64` (bytes per second, 0 when not set), address
+/// count `u8`, then each p2p address as length `u16` and multiaddr bytes. At most
+/// [`ANNOUNCEMENT_BYTES_MAX`] bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Announcement {
     /// Alive or leaving.
@@ -434,6 +435,8 @@ pub struct Announcement {
     pub peer_id: PeerId,
     /// Where its data plane (QUIC) listens.
     pub data_addr: SocketAddr,
+    /// Its link rate in bytes per second as its operator set it; 0 when not set.
+    pub link_rate: u64,
     /// Where its swarm listens.
     pub p2p_addrs: Vec<Multiaddr>,
 }
@@ -463,6 +466,7 @@ impl Announcement {
             }
         }
         out.extend_from_slice(&self.data_addr.port().to_be_bytes());
+        out.extend_from_slice(&self.link_rate.to_be_bytes());
         let addrs: Vec<Vec<u8>> = self
             .p2p_addrs
             .iter()
@@ -512,6 +516,7 @@ impl Announcement {
             _ => return Err(AnnouncementError::Invalid("data address family")),
         };
         let port = reader.u16()?;
+        let link_rate = u64::from_be_bytes(reader.take(8)?.try_into().map_err(|_| AnnouncementError::Truncated)?);
         let count = usize::from(reader.u8()?);
         if count > ANNOUNCEMENT_ADDRS_MAX {
             return Err(AnnouncementError::Invalid("address count"));
@@ -529,7 +534,7 @@ impl Announcement {
         if !reader.0.is_empty() {
             return Err(AnnouncementError::Trailing(reader.0.len()));
         }
-        Ok(Self { kind, peer_id, data_addr: SocketAddr::new(ip, port), p2p_addrs })
+        Ok(Self { kind, peer_id, data_addr: SocketAddr::new(ip, port), link_rate, p2p_addrs })
     }
 }
 
@@ -565,6 +570,8 @@ pub struct Member {
     pub peer_id: PeerId,
     /// Where its data plane listens.
     pub data_addr: SocketAddr,
+    /// Its announced link rate in bytes per second; 0 when not set.
+    pub link_rate: u64,
     /// When its last announcement arrived.
     pub last_seen: Instant,
 }
@@ -654,14 +661,22 @@ impl Membership {
             AnnouncementKind::Alive => {
                 if let Some(member) = self.members.get_mut(&source) {
                     member.data_addr = announcement.data_addr;
+                    member.link_rate = announcement.link_rate;
                     member.last_seen = member.last_seen.max(now);
                     return MembershipUpdate::Refreshed;
                 }
                 if self.members.len() >= MEMBERS_MAX {
                     return MembershipUpdate::Ignored(IgnoredReason::TableFull);
                 }
-                self.members
-                    .insert(source, Member { peer_id: source, data_addr: announcement.data_addr, last_seen: now });
+                self.members.insert(
+                    source,
+                    Member {
+                        peer_id: source,
+                        data_addr: announcement.data_addr,
+                        link_rate: announcement.link_rate,
+                        last_seen: now,
+                    },
+                );
                 MembershipUpdate::Joined
             }
         }
@@ -1029,6 +1044,8 @@ pub struct DiscoveryConfig {
     pub bootstrap: Vec<BootstrapAddr>,
     /// Where this node's data plane listens, announced to the DC.
     pub data_addr: SocketAddr,
+    /// This host's link rate in bytes per second, announced to the DC; 0 when not set.
+    pub link_rate: u64,
 }
 
 /// Counters and sizes, for the API and tests.
@@ -1162,6 +1179,7 @@ impl Discovery {
             shutdown,
             local_peer_id: peer_id,
             data_addr: config.data_addr,
+            link_rate: config.link_rate,
             protocols,
             membership: Membership::new(peer_id),
             members: members_tx,
@@ -1351,6 +1369,7 @@ struct Actor {
     shutdown: CancellationToken,
     local_peer_id: PeerId,
     data_addr: SocketAddr,
+    link_rate: u64,
     protocols: Protocols,
     membership: Membership,
     members: watch::Sender<Arc<[Member]>>,
@@ -1553,6 +1572,7 @@ impl Actor {
             kind,
             peer_id: self.local_peer_id,
             data_addr: self.data_addr,
+            link_rate: self.link_rate,
             p2p_addrs: routable_addrs(self.swarm.listeners().cloned()),
         }
     }
@@ -1879,6 +1899,7 @@ mod tests {
             kind: AnnouncementKind::Alive,
             peer_id,
             data_addr: SocketAddr::from(([10, 0, 0, 1], port)),
+            link_rate: 0,
             p2p_addrs: vec!["/ip4/10.0.0.1/tcp/4001".parse().unwrap()],
         }
     }
@@ -1973,13 +1994,17 @@ mod tests {
 
     #[test]
     fn announcements_round_trip_and_stay_within_their_limit() {
-        // Goal: both kinds and both address families survive encoding; a node with more
-        // listen addresses than fit still produces a bounded, decodable announcement.
+        // Goal: both kinds, both address families and a link rate (set or not) survive
+        // encoding; a node with more listen addresses than fit still produces a bounded,
+        // decodable announcement.
         let peer_id = PeerId::from(Keypair::generate_ed25519().public());
         let mut announcement = alive(peer_id, 7000);
         assert_eq!(Announcement::decode(&announcement.encode()).unwrap(), announcement);
         announcement.kind = AnnouncementKind::Leave;
         announcement.data_addr = "[fd00::7]:7001".parse().unwrap();
+        announcement.link_rate = 3_125_000;
+        assert_eq!(Announcement::decode(&announcement.encode()).unwrap(), announcement);
+        announcement.link_rate = u64::MAX;
         assert_eq!(Announcement::decode(&announcement.encode()).unwrap(), announcement);
 
         announcement.p2p_addrs = (0..100u16)
@@ -2028,10 +2053,12 @@ mod tests {
         assert_eq!(membership.handle_announcement(t0, a, &alive(a, 1)), MembershipUpdate::Joined);
         assert_eq!(membership.handle_announcement(t0, b, &alive(b, 2)), MembershipUpdate::Joined);
         let later = t0 + ANNOUNCE_INTERVAL;
-        assert_eq!(membership.handle_announcement(later, a, &alive(a, 3)), MembershipUpdate::Refreshed);
+        let refresh = Announcement { link_rate: 3_125_000, ..alive(a, 3) };
+        assert_eq!(membership.handle_announcement(later, a, &refresh), MembershipUpdate::Refreshed);
         assert_eq!(membership.members().len(), 2);
         let a_member = membership.members().into_iter().find(|member| member.peer_id == a).unwrap();
         assert_eq!(a_member.data_addr.port(), 3, "a refresh carries the latest data address");
+        assert_eq!(a_member.link_rate, 3_125_000, "and the latest link rate");
         assert_eq!(a_member.last_seen, later);
 
         assert!(membership.expire(t0 + MEMBER_EXPIRY - Duration::from_millis(1)).is_empty());
@@ -2212,6 +2239,7 @@ mod tests {
             listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
             bootstrap,
             data_addr: SocketAddr::from(([127, 0, 0, 1], data_port)),
+            link_rate: 0,
         };
         let discovery = Discovery::start(config, shutdown.clone()).await.unwrap();
         TestNode { discovery, shutdown }

@@ -127,6 +127,8 @@ pub struct MeshSettings {
     pub bootstrap: Vec<BootstrapAddr>,
     /// Upload budget, bytes per second.
     pub upload_limit_bytes_per_second: Option<u64>,
+    /// This host's link rate in bytes per second, announced for home placement (0: not set).
+    pub link_rate_bytes_per_second: u64,
     /// Test-only fault: serve corrupt chunks.
     pub corrupt_served_chunks: bool,
     /// Test-only fault: wait this long before serving each chunk.
@@ -307,6 +309,8 @@ pub struct Mesh {
     discovery: Discovery,
     data_plane: DataPlane,
     self_position: Position,
+    /// This host's link rate as set (0: not set), weighting its share of homes.
+    self_link_rate: u64,
     /// std mutexes below are never held across an `.await`.
     provided: Mutex<HashSet<ObjectId>>,
     holders: Mutex<HolderCache>,
@@ -406,6 +410,7 @@ impl Mesh {
                 listen: settings.p2p_listen.clone(),
                 bootstrap: settings.bootstrap.clone(),
                 data_addr,
+                link_rate: settings.link_rate_bytes_per_second,
             },
             shutdown.clone(),
         )
@@ -414,6 +419,7 @@ impl Mesh {
         let capacity = NonZeroUsize::new(HOLDER_CACHE_OBJECTS_MAX).unwrap_or(NonZeroUsize::MIN);
         let mesh = Arc::new(Self {
             self_position: Position::of_peer(&settings.identity.peer_id().to_bytes()),
+            self_link_rate: settings.link_rate_bytes_per_second,
             identity: settings.identity,
             dc: settings.dc,
             discovery,
@@ -526,12 +532,16 @@ impl Mesh {
 
     /// Home candidates for `chunk`, best first: `None` is this node.
     pub fn home_order(&self, chunk: &ChunkId) -> Vec<Option<PeerTarget>> {
-        self.home_candidates(&[], |ranked| home_order(chunk, ranked))
+        self.home_candidates(&[], |ranked| {
+            let positions: Vec<(Option<PeerId>, Position)> =
+                ranked.iter().map(|&(key, position, _)| (key, position)).collect();
+            home_order(chunk, &positions)
+        })
     }
 
     /// Home candidates for chunk `index` of `object`, best first (`None` is this node),
-    /// leaving out the members in `excluding`: homes balanced over the object's chunks
-    /// (see [`crate::placement`]).
+    /// leaving out the members in `excluding`: homes balanced over the object's chunks and
+    /// weighted by announced link rates (see [`crate::placement`]).
     pub fn object_home_order(
         &self,
         object: &ObjectId,
@@ -544,16 +554,16 @@ impl Mesh {
     fn home_candidates(
         &self,
         excluding: &[PeerTarget],
-        order: impl FnOnce(&[(Option<PeerId>, Position)]) -> Vec<Option<PeerId>>,
+        order: impl FnOnce(&[(Option<PeerId>, Position, u64)]) -> Vec<Option<PeerId>>,
     ) -> Vec<Option<PeerTarget>> {
         let members = self.discovery.members();
-        let mut ranked: Vec<(Option<PeerId>, Position)> = vec![(None, self.self_position)];
+        let mut ranked: Vec<(Option<PeerId>, Position, u64)> = vec![(None, self.self_position, self.self_link_rate)];
         let mut addresses = HashMap::new();
         for member in members {
             if excluding.iter().any(|excluded| excluded.peer_id == member.peer_id) {
                 continue;
             }
-            ranked.push((Some(member.peer_id), Position::of_peer(&member.peer_id.to_bytes())));
+            ranked.push((Some(member.peer_id), Position::of_peer(&member.peer_id.to_bytes()), member.link_rate));
             addresses.insert(member.peer_id, member.data_addr);
         }
         order(&ranked)
@@ -962,6 +972,7 @@ impl Mesh {
                     requests_in_flight: state.map_or(0, |state| state.in_flight as u64),
                     corrupt_chunks: state.map_or(0, |state| state.corrupt_chunks),
                     penalised: state.and_then(|state| state.penalised_until).is_some_and(|until| until > now),
+                    link_rate: (member.link_rate > 0).then_some(member.link_rate),
                 }
             })
             .collect()

@@ -126,6 +126,7 @@ fn mesh_settings(config: &Config, mesh: &MeshConfig) -> anyhow::Result<MeshSetti
         data_listen: mesh.data_listen,
         bootstrap,
         upload_limit_bytes_per_second: mesh.upload_limit_bytes_per_second,
+        link_rate_bytes_per_second: mesh.link_rate_bytes_per_second.unwrap_or(0),
         corrupt_served_chunks: config.fault_corrupt_served_chunks,
         slow_served_chunks: config.fault_slow_served_chunks,
     })

@@ -68,11 +68,20 @@ pub fn home_order<K: Clone + Ord>(chunk: &ChunkId, members: &[(K, Position)]) ->
 
 /// Members ordered for chunk `index` of `object`: the home first, then its fallbacks.
 ///
+/// `members` pairs each member's key with its position and its announced link rate in
+/// bytes per second (0 when not set: counted as fast as the fastest member that set one;
+/// when none did, all count the same).
+///
 /// The home is chosen block by block: the chunks of the block that holds `index` are taken
-/// in order, each by the member ranked highest for it (rendezvous score of the object and
-/// index) among those still below `ceil(PLACEMENT_BLOCK_CHUNKS / members)` homes in the
-/// block. The fallbacks are the other members in score order. Like [`home_order`], the
-/// result depends only on the membership set, not on how it is listed.
+/// in order, each by the member ranked highest for it among those still below their share
+/// of the block. A member's share is `ceil(PLACEMENT_BLOCK_CHUNKS * rate / sum of rates)`;
+/// its rank is its rendezvous score of the object and index, weighted by its rate when the
+/// rates differ (weighted rendezvous hashing: `rate / -ln(u)` with `u` the score as a
+/// fraction), so a member is first for a chunk in proportion to its rate and a host on a
+/// slow link is home to few chunks: a home takes its chunk in at its own rate and sends it
+/// to the other readers from its own upload. The fallbacks are the other members in rank
+/// order. Like [`home_order`], the result depends only on the membership set, not on how it
+/// is listed.
 ///
 /// Not as stable as plain rendezvous hashing: when a member leaves, the chunks it was home
 /// to move, and in their blocks others may move with them: about 8% of an object's chunks
@@ -80,33 +89,57 @@ pub fn home_order<K: Clone + Ord>(chunk: &ChunkId, members: &[(K, Position)]) ->
 /// from 1 to 2 (the tests below bound both). A moved home costs at most a second origin
 /// fetch of a chunk that was in flight when the membership changed; the new home asks
 /// the chunk's holders first.
-pub fn object_home_order<K: Clone + Ord>(object: &ObjectId, index: usize, members: &[(K, Position)]) -> Vec<K> {
+pub fn object_home_order<K: Clone + Ord>(object: &ObjectId, index: usize, members: &[(K, Position, u64)]) -> Vec<K> {
     if members.is_empty() {
         return Vec::new();
     }
-    let cap = PLACEMENT_BLOCK_CHUNKS.div_ceil(members.len());
-    let mut homes = vec![0usize; members.len()];
-    let ranked = |chunk: usize| {
-        let mut ranked: Vec<(std::cmp::Reverse<[u8; 32]>, &K, usize)> = members
-            .iter()
-            .enumerate()
-            .map(|(slot, (key, position))| (std::cmp::Reverse(position.score_in_object(object, chunk)), key, slot))
-            .collect();
-        ranked.sort();
-        ranked
+    let fastest = members.iter().map(|(_, _, rate)| *rate).max().unwrap_or(0).max(1);
+    let rates: Vec<u64> = members.iter().map(|(_, _, rate)| if *rate == 0 { fastest } else { *rate }).collect();
+    let total: u128 = rates.iter().map(|&rate| u128::from(rate)).sum();
+    let caps: Vec<usize> = rates
+        .iter()
+        .map(|&rate| {
+            let share = (PLACEMENT_BLOCK_CHUNKS as u128 * u128::from(rate)).div_ceil(total);
+            usize::try_from(share).unwrap_or(PLACEMENT_BLOCK_CHUNKS)
+        })
+        .collect();
+    let weighted = rates.iter().any(|&rate| rate != rates[0]);
+    // Slots in rank order for `chunk`, best first.
+    let ranked = |chunk: usize| -> Vec<usize> {
+        let mut slots: Vec<usize> = (0..members.len()).collect();
+        if weighted {
+            let rank: Vec<f64> = members
+                .iter()
+                .zip(&rates)
+                .map(|((_, position, _), &rate)| {
+                    let score = position.score_in_object(object, chunk);
+                    let head = u64::from_be_bytes(score[..8].try_into().unwrap_or_default());
+                    // A fraction in (0, 1): -ln of it is positive and finite.
+                    let fraction = (head as f64 + 0.5) / 18_446_744_073_709_551_616.0;
+                    rate as f64 / -fraction.ln()
+                })
+                .collect();
+            slots.sort_by(|&a, &b| rank[b].total_cmp(&rank[a]).then_with(|| members[a].0.cmp(&members[b].0)));
+        } else {
+            let scores: Vec<[u8; 32]> =
+                members.iter().map(|(_, position, _)| position.score_in_object(object, chunk)).collect();
+            slots.sort_by(|&a, &b| scores[b].cmp(&scores[a]).then_with(|| members[a].0.cmp(&members[b].0)));
+        }
+        slots
     };
+    let mut homes = vec![0usize; members.len()];
     for chunk in index - index % PLACEMENT_BLOCK_CHUNKS..index {
-        // Some member is below the cap: the chunks before `index` in the block are fewer
-        // than PLACEMENT_BLOCK_CHUNKS <= cap * members.
-        if let Some(&(_, _, slot)) = ranked(chunk).iter().find(|(_, _, slot)| homes[*slot] < cap) {
+        // Some member is below its share: the chunks before `index` in the block are fewer
+        // than PLACEMENT_BLOCK_CHUNKS <= the sum of the shares.
+        if let Some(&slot) = ranked(chunk).iter().find(|&&slot| homes[slot] < caps[slot]) {
             homes[slot] += 1;
         }
     }
     let ranked = ranked(index);
-    let home = ranked.iter().position(|(_, _, slot)| homes[*slot] < cap).unwrap_or(0);
+    let home = ranked.iter().position(|&slot| homes[slot] < caps[slot]).unwrap_or(0);
     let mut order = Vec::with_capacity(ranked.len());
-    order.push(ranked[home].1.clone());
-    order.extend(ranked.iter().enumerate().filter(|(at, _)| *at != home).map(|(_, (_, key, _))| (*key).clone()));
+    order.push(members[ranked[home]].0.clone());
+    order.extend(ranked.iter().enumerate().filter(|(at, _)| *at != home).map(|(_, &slot)| members[slot].0.clone()));
     order
 }
 
@@ -143,7 +176,11 @@ mod tests {
         assert!(counts.iter().all(|&count| (810..=1190).contains(&count)), "{counts:?}");
     }
 
-    fn object_homes(object: &ObjectId, chunks: usize, listed: &[(u32, Position)]) -> Vec<u32> {
+    fn rated(count: u32, rate: u64) -> Vec<(u32, Position, u64)> {
+        members(count).into_iter().map(|(key, position)| (key, position, rate)).collect()
+    }
+
+    fn object_homes(object: &ObjectId, chunks: usize, listed: &[(u32, Position, u64)]) -> Vec<u32> {
         (0..chunks).map(|index| object_home_order(object, index, listed)[0]).collect()
     }
 
@@ -153,7 +190,7 @@ mod tests {
         // its share rounded up, so a 64-chunk object over 8 members gives each exactly 8
         // (plain rendezvous hashing gave one of them 18 in a measured storm).
         for count in 1..=20u32 {
-            let listed = members(count);
+            let listed = rated(count, 0);
             for seed in 0..20u32 {
                 let object = ObjectId::from_bytes(*blake3::hash(&seed.to_le_bytes()).as_bytes());
                 let homes = object_homes(&object, 64, &listed);
@@ -180,7 +217,9 @@ mod tests {
     fn object_homes_depend_on_the_membership_set_only() {
         // Goal: every node computes the same home and fallbacks whatever order it lists
         // members in; every member appears once.
-        let mut listed = members(13);
+        let mut listed = rated(13, 0);
+        listed[4].2 = 3_000_000;
+        listed[7].2 = 12_000_000;
         let object = ObjectId::from_bytes([7; 32]);
         let first: Vec<Vec<u32>> = (0..40).map(|index| object_home_order(&object, index, &listed)).collect();
         listed.reverse();
@@ -192,7 +231,7 @@ mod tests {
             sorted.sort();
             assert_eq!(sorted, (0..13).collect::<Vec<_>>());
         }
-        assert!(object_home_order(&object, 3, &Vec::<(u32, Position)>::new()).is_empty());
+        assert!(object_home_order(&object, 3, &Vec::<(u32, Position, u64)>::new()).is_empty());
     }
 
     #[test]
@@ -204,12 +243,12 @@ mod tests {
         // re-ranks more, and at most half change (measured: 44%). Plain rendezvous moves
         // only the 1/N; reshuffling everything would move (N-1)/N.
         for (count, bound) in [(16u32, 8usize), (8, 2)] {
-            let all = members(count);
+            let all = rated(count, 0);
             let (mut moved, mut total) = (0usize, 0usize);
             for seed in 0..100u32 {
                 let object = ObjectId::from_bytes(*blake3::hash(&seed.to_le_bytes()).as_bytes());
                 let gone = seed % count;
-                let rest: Vec<_> = all.iter().copied().filter(|(key, _)| *key != gone).collect();
+                let rest: Vec<_> = all.iter().copied().filter(|(key, _, _)| *key != gone).collect();
                 let before = object_homes(&object, 64, &all);
                 let after = object_homes(&object, 64, &rest);
                 assert!(after.iter().all(|&home| home != gone));
@@ -218,6 +257,48 @@ mod tests {
             }
             eprintln!("{count} members: moved {moved} of {total}");
             assert!(moved * bound <= total, "{count} members: moved {moved} of {total}");
+        }
+    }
+
+    #[test]
+    fn hosts_on_slower_links_are_home_to_fewer_chunks() {
+        // Goal: with half the hosts at a quarter of the others' rate, the slow ones are home
+        // to about a fifth of the chunks (their share of the summed rates) and no block gives
+        // a member more than its share. An unset rate counts as the fastest one set: slow
+        // hosts that set none get the same homes as every host at one rate, or none set.
+        let object = |seed: u32| ObjectId::from_bytes(*blake3::hash(&seed.to_le_bytes()).as_bytes());
+        let mut listed = rated(8, 12_500_000);
+        for member in &mut listed[4..] {
+            member.2 = 3_125_000;
+        }
+        let (mut slow, mut total) = (0usize, 0usize);
+        for seed in 0..100 {
+            let homes = object_homes(&object(seed), 64, &listed);
+            for block in homes.chunks(PLACEMENT_BLOCK_CHUNKS) {
+                for member in 0..8u32 {
+                    let cap = if member < 4 { 2 } else { 1 };
+                    assert!(block.iter().filter(|&&home| home == member).count() <= cap, "{block:?}");
+                }
+            }
+            slow += homes.iter().filter(|&&home| home >= 4).count();
+            total += homes.len();
+        }
+        eprintln!("slow hosts home to {slow} of {total}");
+        assert!((total / 10..=total * 3 / 10).contains(&slow), "slow hosts home to {slow} of {total}");
+
+        let mut unset = listed.clone();
+        for member in &mut unset[4..] {
+            member.2 = 0;
+        }
+        let mut fast_only = listed.clone();
+        fast_only.truncate(4);
+        fast_only.extend(rated(8, 0).into_iter().skip(4));
+        for seed in 0..20 {
+            let equal = object_homes(&object(seed), 64, &rated(8, 0));
+            assert_eq!(object_homes(&object(seed), 64, &unset), equal);
+            assert_eq!(object_homes(&object(seed), 64, &rated(8, 12_500_000)), equal);
+            assert_eq!(object_homes(&object(seed), 64, &fast_only), equal);
+            assert_ne!(object_homes(&object(seed), 64, &listed), equal);
         }
     }
 

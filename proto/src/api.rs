@@ -194,6 +194,9 @@ pub struct PeerStatus {
     pub corrupt_chunks: u64,
     /// Whether this node is avoiding it.
     pub penalised: bool,
+    /// Its announced link rate in bytes per second (`--link-rate`), when it set one.
+    #[serde(default)]
+    pub link_rate: Option<u64>,
 }
 
 /// Answer to `GET /v1/peers`.

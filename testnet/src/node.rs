@@ -120,6 +120,8 @@ pub struct NodeSpec {
     pub origin_endpoint: String,
     /// `--upload-limit`, when set.
     pub upload_limit: Option<String>,
+    /// `--link-rate` (bytes per second): its link's rate, when the trial sets one.
+    pub link_rate: Option<u64>,
     /// Where it listens (p2p and data plane) and which namespace it runs in.
     pub place: Place,
     /// Serve peers corrupt chunks (the test-only fault switch).
@@ -199,6 +201,9 @@ impl Node {
         }
         if let Some(rate) = &spec.upload_limit {
             args.extend(["--upload-limit".into(), rate.clone()]);
+        }
+        if let Some(rate) = spec.link_rate {
+            args.extend(["--link-rate".into(), rate.to_string()]);
         }
         if spec.corrupt_served_chunks {
             args.extend(["--fault-corrupt-served-chunks".into(), "true".into()]);

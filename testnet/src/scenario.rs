@@ -480,6 +480,7 @@ async fn run_trial(
     let layout = Layout {
         dcs,
         upload_limits: params.upload_limits.clone(),
+        link_rates: params.host_rates.iter().map(|rate| rate.map(|rate| rate.bytes_per_second())).collect(),
         places: params.places.clone(),
         origin_address: params.origin_address,
         faulty,

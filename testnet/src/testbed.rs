@@ -85,6 +85,8 @@ pub struct Layout {
     pub dcs: Vec<String>,
     /// `--upload-limit` of each node.
     pub upload_limits: Vec<Option<String>>,
+    /// `--link-rate` of each node (bytes per second), when its link has a rate.
+    pub link_rates: Vec<Option<u64>>,
     /// Where each node runs and listens.
     pub places: Vec<Place>,
     /// The address the origin's proxies listen on.
@@ -137,6 +139,7 @@ impl Testbed {
             bootstrap,
             origin_endpoint: proxies[index].endpoint(),
             upload_limit: layout.upload_limits[index].clone(),
+            link_rate: layout.link_rates[index],
             place: layout.places[index].clone(),
             corrupt_served_chunks: layout.faulty == Some(index),
             slow_served_chunks_ms: layout.slow.filter(|(slow, _)| *slow == index).map(|(_, delay_ms)| delay_ms),

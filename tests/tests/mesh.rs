@@ -130,6 +130,30 @@ async fn objects_spread_peer_to_peer_and_outsiders_get_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn link_rates_are_announced_to_the_dc() {
+    // Goal: a node started with --link-rate announces it, and its peers list it in
+    // /v1/peers (the rate that weights its share of homes); a node without one shows none.
+    let shared = tempfile::tempdir().unwrap();
+    let origin = format!("file://{}", shared.path().join("origin").display());
+    let key = cluster_key(shared.path(), "cluster.key");
+    let first = Daemon::start_with(mesh_options(&origin, &key, "dc-a", None)).await;
+    let bootstrap = p2p_address(&first).await;
+    let second = Daemon::start_with(
+        mesh_options(&origin, &key, "dc-a", Some(&bootstrap)).with_args(&["--link-rate", "3125000"]),
+    )
+    .await;
+    wait_members(&[&first, &second], 1).await;
+    let second_id = second.status().await.mesh.unwrap().node_id;
+    let seen_by_first = first.client().peers().await.unwrap().peers;
+    assert_eq!(seen_by_first.len(), 1);
+    assert_eq!(seen_by_first[0].node_id, second_id);
+    assert_eq!(seen_by_first[0].link_rate, Some(3_125_000));
+    let seen_by_second = second.client().peers().await.unwrap().peers;
+    assert_eq!(seen_by_second.len(), 1);
+    assert_eq!(seen_by_second[0].link_rate, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_holder_is_hedged_by_a_fast_one() {
     // Goal: when a holder is slower than the hedge delay, the reader asks another holder
     // as well and takes the first verified answer: the third node, with a slow holder

@@ -395,6 +395,7 @@ async fn start_nodes(args: &Args) -> Vec<Node> {
             bootstrap,
             // Nothing listens there: the data plane is not part of this measurement.
             data_addr: SocketAddr::from(([127, 0, 0, 1], 9)),
+            link_rate: 0,
         };
         let shutdown = CancellationToken::new();
         let discovery = Discovery::start(config, shutdown.clone()).await.expect("discovery starts");
