@@ -76,8 +76,8 @@ pub fn home_order<K: Clone + Ord>(chunk: &ChunkId, members: &[(K, Position)]) ->
 /// in order, each by the member ranked highest for it among those still below their share
 /// of the block. A member's share is `ceil(PLACEMENT_BLOCK_CHUNKS * rate / sum of rates)`;
 /// its rank is its rendezvous score of the object and index, weighted by its rate when the
-/// rates differ (weighted rendezvous hashing: `rate / -ln(u)` with `u` the score as a
-/// fraction), so a member is first for a chunk in proportion to its rate and a host on a
+/// rates differ (weighted rendezvous hashing: `rate / -ln(u)` with `u` the score's first
+/// 52 bits as a fraction), so a member is first for a chunk in proportion to its rate and a host on a
 /// slow link is home to few chunks: a home takes its chunk in at its own rate and sends it
 /// to the other readers from its own upload. The fallbacks are the other members in rank
 /// order. Like [`home_order`], the result depends only on the membership set, not on how it
@@ -114,8 +114,9 @@ pub fn object_home_order<K: Clone + Ord>(object: &ObjectId, index: usize, member
                 .map(|((_, position, _), &rate)| {
                     let score = position.score_in_object(object, chunk);
                     let head = u64::from_be_bytes(score[..8].try_into().unwrap_or_default());
-                    // A fraction in (0, 1): -ln of it is positive and finite.
-                    let fraction = (head as f64 + 0.5) / 18_446_744_073_709_551_616.0;
+                    // A fraction strictly inside (0, 1), exact in an f64 (52 bits plus a
+                    // half, over 2^52), so -ln of it is positive and finite.
+                    let fraction = ((head >> 12) as f64 + 0.5) / 4_503_599_627_370_496.0;
                     rate as f64 / -fraction.ln()
                 })
                 .collect();
