@@ -81,6 +81,10 @@ async fn cli_status_prints_text_and_parseable_json() {
     let plain = daemon.cli(&["status"]).await;
     assert_ok(&plain, "status");
     assert!(!plain.stdout.is_empty(), "status prints something");
+    assert!(text(&plain.stdout).contains("mesh:        off"), "a single node says so: {}", text(&plain.stdout));
+    let peers = daemon.cli(&["peers"]).await;
+    assert_ok(&peers, "peers");
+    assert!(text(&peers.stdout).starts_with("no peers"), "{}", text(&peers.stdout));
     let json = daemon.cli(&["status", "--json"]).await;
     assert_ok(&json, "status --json");
     let status: StatusResponse = serde_json::from_slice(&json.stdout)

@@ -5,6 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
+use cachemesh_proto::api::PeersResponse;
 use cachemesh_tests::support::{POLL_INTERVAL, binary};
 use cachemesh_tests::*;
 use http::Method;
@@ -151,6 +152,23 @@ async fn link_rates_are_announced_to_the_dc() {
     let seen_by_second = second.client().peers().await.unwrap().peers;
     assert_eq!(seen_by_second.len(), 1);
     assert_eq!(seen_by_second[0].link_rate, None);
+
+    // The CLI shows the same: `peers --json` is the API's answer, `peers` a table with the
+    // peer and its rate, `status` this node's mesh.
+    let json = first.cli(&["peers", "--json"]).await;
+    assert!(json.status.success(), "peers --json: {}", String::from_utf8_lossy(&json.stderr));
+    let listed: PeersResponse = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(listed.peers.len(), 1);
+    assert_eq!((listed.peers[0].node_id.as_str(), listed.peers[0].link_rate), (second_id.as_str(), Some(3_125_000)));
+    let table = first.cli(&["peers"]).await;
+    let table = String::from_utf8_lossy(&table.stdout);
+    let row = table.lines().find(|line| line.starts_with(&second_id)).unwrap_or_else(|| panic!("{table}"));
+    assert!(row.ends_with("MiB/s"), "{row}");
+    let status = first.cli(&["status"]).await;
+    let status = String::from_utf8_lossy(&status.stdout);
+    let first_id = first.status().await.mesh.unwrap().node_id;
+    assert!(status.contains(&format!("node id:     {first_id}")), "{status}");
+    assert!(status.contains("members:     1 other nodes"), "{status}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -52,6 +52,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List the live members of this node's datacenter, as this node sees them.
+    Peers {
+        /// Print the peers as JSON (the `GET /v1/peers` answer).
+        #[arg(long)]
+        json: bool,
+    },
     /// Fetch an object into the local cache and keep it there until unpinned.
     Pin {
         /// The object id.
@@ -347,6 +353,47 @@ async fn status(client: &Client, json: bool) -> anyhow::Result<()> {
     println!("objects:     {} manifests held", store.manifest_count);
     println!("evicted:     {} chunks since start", store.evicted_chunks);
     println!("verify:      {}", if store.verify_reads { "every read" } else { "off" });
+    match &status.mesh {
+        None => println!("mesh:        off (single node; start with --cluster-key to join a datacenter)"),
+        Some(mesh) => {
+            println!("node id:     {}", mesh.node_id);
+            println!("dc:          {}", mesh.dc);
+            println!("p2p listen:  {}", mesh.p2p_listen.join(", "));
+            println!("data listen: {}", mesh.data_listen);
+            println!("members:     {} other nodes (`cachemesh peers` lists them)", mesh.members);
+            println!("provides:    {} objects", mesh.provided_objects);
+        }
+    }
+    Ok(())
+}
+
+async fn peers(client: &Client, json: bool) -> anyhow::Result<()> {
+    let peers = client.peers().await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&peers)?);
+        return Ok(());
+    }
+    if peers.peers.is_empty() {
+        println!("no peers (a single node, or no other member of its datacenter is live)");
+        return Ok(());
+    }
+    println!(
+        "{:<52}  {:<21}  {:>9}  {:>9}  {:>7}  {:>9}  {:<9}",
+        "node id", "data address", "last seen", "in flight", "corrupt", "penalised", "link rate"
+    );
+    for peer in &peers.peers {
+        let link_rate = peer.link_rate.map_or_else(|| "-".to_string(), |rate| format!("{}/s", human_bytes(rate)));
+        println!(
+            "{:<52}  {:<21}  {:>8.1}s  {:>9}  {:>7}  {:>9}  {}",
+            peer.node_id,
+            peer.data_addr,
+            peer.last_seen_seconds_ago,
+            peer.requests_in_flight,
+            peer.corrupt_chunks,
+            if peer.penalised { "yes" } else { "no" },
+            link_rate
+        );
+    }
     Ok(())
 }
 
@@ -507,6 +554,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Put { file, json } => put(&client, &file, json).await,
         Command::Get { id, output, range } => get(&client, &id, output.as_deref(), range.as_deref()).await,
         Command::Status { json } => status(&client, json).await,
+        Command::Peers { json } => peers(&client, json).await,
         Command::Pin { id } => pin(&client, &id, true).await,
         Command::Unpin { id } => pin(&client, &id, false).await,
         Command::Files { volume, command } => {
