@@ -139,7 +139,7 @@ impl<'de> Deserialize<'de> for ByteRate {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let size = ByteSize::deserialize(deserializer)?;
         if size.0 == 0 {
-            return Err(serde::de::Error::custom("an upload limit must be above zero"));
+            return Err(serde::de::Error::custom("a rate must be above zero"));
         }
         Ok(Self(size.0))
     }
@@ -331,7 +331,7 @@ impl Config {
             data_listen: data_listen.unwrap_or(default_data_listen),
             bootstrap: bootstrap.unwrap_or_default(),
             upload_limit_bytes_per_second: upload_limit.map(|rate| rate.0),
-            link_rate_bytes_per_second: link_rate.map(|rate| rate.0).filter(|&rate| rate > 0),
+            link_rate_bytes_per_second: link_rate.map(|rate| rate.0),
         }))
     }
 
@@ -450,6 +450,11 @@ mod tests {
         let flags = Settings { cluster_key: Some("/k".into()), ..Settings::default() };
         let mesh = Config::resolve(Some(Path::new("/dev/null")), flags).unwrap().mesh.unwrap();
         assert_eq!(mesh.link_rate_bytes_per_second, None);
+        // A zero rate would mean "not set" on the wire: it is refused where it is written.
+        std::fs::write(&path, "cluster_key = \"/k\"\nlink_rate = 0\n").unwrap();
+        let error = Config::resolve(Some(&path), Settings::default()).unwrap_err().to_string();
+        assert!(error.contains("above zero"), "{error}");
+        assert!("0".parse::<ByteRate>().is_err());
     }
 
     #[test]
