@@ -61,6 +61,8 @@ use crate::shaping::{Rate, RatePlan};
 const ROOT_PREFIX: &str = "cachemesh-testnet-";
 /// The file in a temporary root that holds the owning testnet's process id.
 const ROOT_OWNER_FILE: &str = "testnet.pid";
+/// The emulated links' MTU unless `--mtu` says otherwise: a jumbo-frame datacenter fabric.
+const DEFAULT_MTU: u32 = 9000;
 /// How long the children may take to be gone once killed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -145,6 +147,13 @@ struct RunArgs {
     /// netem needed); needs iptables. The report gives the round trip measured with it.
     #[arg(long, value_name = "DURATION", value_parser = delay::parse_delay)]
     latency: Option<Duration>,
+    /// Every emulated link's MTU in bytes (1280 to 65535), hosts' and origin's alike. The
+    /// default, 9000, is the jumbo frame datacenter fabrics for GPU hosts usually carry (a
+    /// cloud VPC's default is 9001 on some providers); 1500 models a plain Ethernet path. The
+    /// daemons' QUIC finds the path's MTU by itself (up to 6550-byte packets). Emulated
+    /// network only (loopback has its own MTU).
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MTU, value_parser = clap::value_parser!(u32).range(1280..=65535))]
+    mtu: u32,
     /// The fraction of hosts that are slow (0 to 1; the last round(F x N) nodes, so node 0
     /// stays at --host-rate unless every node is slow). Needs --slow-rate.
     #[arg(long, value_name = "FRACTION", requires = "slow_rate", value_parser = parse_fraction)]
@@ -264,6 +273,9 @@ fn repeat_command(args: &RunArgs, seed: u64) -> String {
     if let Some(delay) = args.latency {
         line.push_str(&format!(" --latency {}us", delay.as_micros()));
     }
+    if args.mtu != DEFAULT_MTU {
+        line.push_str(&format!(" --mtu {}", args.mtu));
+    }
     if let (Some(fraction), Some(rate)) = (args.slow_hosts, args.slow_rate) {
         line.push_str(&format!(" --slow-hosts {fraction} --slow-rate {rate}"));
     }
@@ -367,7 +379,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         }
     }
     let network = tokio::select! {
-        network = Network::prepare(args.net, &host_rates, &rates, slow_hosts, args.latency) => {
+        network = Network::prepare(args.net, &host_rates, &rates, slow_hosts, args.latency, args.mtu) => {
             network.context("cannot set up the emulated network (--net emulated)")?
         }
         code = interrupts.interrupted() => {

@@ -153,6 +153,9 @@ pub struct NetworkReport {
     pub rtt: Option<RttFigures>,
     /// How the delay thread did over the trial (None: no delay emulated).
     pub delayer: Option<DelayFigures>,
+    /// Node 0's link MTU in bytes as the kernel reports it (every emulated link is set to
+    /// `--mtu`; None: on loopback).
+    pub mtu: Option<u32>,
     /// How rates are applied: `tc tbf ...`, `--upload-limit ...`, or `none`.
     pub rates_applied_by: String,
     /// Every host's link rate, each way.
@@ -304,6 +307,7 @@ impl Emulation {
         host_rates: &[Option<Rate>],
         origin_rate: Option<Rate>,
         delay: Option<Duration>,
+        mtu: u32,
     ) -> Result<Self, NetworkError> {
         if host_rates.len() > NODES_EMULATED_MAX {
             return Err(NetworkError::TooManyNodes { nodes: host_rates.len() });
@@ -311,7 +315,7 @@ impl Emulation {
         let subnet = free_subnet(std::process::id()).await?;
         let mut emulation =
             Self { prefix, subnet, netem_available: false, created: Mutex::new(Vec::new()), delayer: Mutex::new(None) };
-        let built = match emulation.build(host_rates, origin_rate, delay.is_some()).await {
+        let built = match emulation.build(host_rates, origin_rate, delay.is_some(), mtu).await {
             Ok(netem_available) => {
                 emulation.netem_available = netem_available;
                 match delay {
@@ -330,6 +334,19 @@ impl Emulation {
                 Err(error)
             }
         }
+    }
+
+    /// The MTU of node `index`'s link, as its namespace's kernel reports it.
+    pub async fn link_mtu(&self, index: usize) -> Result<u32, NetworkError> {
+        let (namespace, inside) = (self.namespace(index), format!("{}n{index}", self.prefix));
+        let shown = run("ip", &["-n", &namespace, "-o", "link", "show", "dev", &inside]).await?;
+        let mut words = shown.split_whitespace();
+        words.find(|word| *word == "mtu").and_then(|_| words.next()).and_then(|mtu| mtu.parse().ok()).ok_or_else(|| {
+            NetworkError::Command {
+                command: format!("ip -n {namespace} -o link show dev {inside}"),
+                detail: format!("no mtu in {shown:?}"),
+            }
+        })
     }
 
     /// Opens every node namespace's packet queue and starts the thread that delays them.
@@ -369,8 +386,10 @@ impl Emulation {
         host_rates: &[Option<Rate>],
         origin_rate: Option<Rate>,
         delayed: bool,
+        mtu: u32,
     ) -> Result<bool, NetworkError> {
         let prefix = &self.prefix;
+        let mtu = mtu.to_string();
         let bridge = format!("{prefix}b");
         // Each item is recorded before the command that makes it, so that an interruption
         // half-way leaves nothing unrecorded (removing what does not exist is not an error).
@@ -389,7 +408,11 @@ impl Emulation {
         // is the origin's port on the bridge.
         let (origin_end, origin_port) = (format!("{prefix}oh"), format!("{prefix}ob"));
         self.record(Created::Link(origin_end.clone()));
-        run("ip", &["link", "add", &origin_end, "type", "veth", "peer", "name", &origin_port]).await?;
+        run(
+            "ip",
+            &["link", "add", &origin_end, "mtu", &mtu, "type", "veth", "peer", "name", &origin_port, "mtu", &mtu],
+        )
+        .await?;
         run("ip", &["link", "set", &origin_port, "master", &bridge, "up"]).await?;
         let origin_address = format!("{}/24", self.address(ORIGIN_HOST));
         run("ip", &["addr", "add", &origin_address, "dev", &origin_end]).await?;
@@ -408,7 +431,14 @@ impl Emulation {
             self.record(Created::Namespace(namespace.clone()));
             run("ip", &["netns", "add", &namespace]).await?;
             self.record(Created::Link(port.clone()));
-            run("ip", &["link", "add", &port, "type", "veth", "peer", "name", &inside, "netns", &namespace]).await?;
+            run(
+                "ip",
+                &[
+                    "link", "add", &port, "mtu", &mtu, "type", "veth", "peer", "name", &inside, "netns", &namespace,
+                    "mtu", &mtu,
+                ],
+            )
+            .await?;
             run("ip", &["link", "set", &port, "master", &bridge, "up"]).await?;
             let address = format!("{}/24", self.address(NODE_HOST_OFFSET + index as u8));
             run("ip", &["-n", &namespace, "addr", "add", &address, "dev", &inside]).await?;
@@ -543,6 +573,7 @@ impl Network {
         plan: &RatePlan,
         slow_hosts: usize,
         delay: Option<Duration>,
+        mtu: u32,
     ) -> Result<Self, NetworkError> {
         let mut report = NetworkReport {
             requested: mode.name().to_string(),
@@ -573,7 +604,9 @@ impl Network {
             NetMode::Auto | NetMode::Emulated => {}
         }
         let emulation =
-            match Emulation::create(Emulation::prefix_for(std::process::id()), host_rates, plan.origin, delay).await {
+            match Emulation::create(Emulation::prefix_for(std::process::id()), host_rates, plan.origin, delay, mtu)
+                .await
+            {
                 Ok(emulation) => emulation,
                 Err(error) if mode == NetMode::Auto => {
                     return Ok(loopback(report, format!("network namespaces unavailable: {error}")));
@@ -585,6 +618,14 @@ impl Network {
         report.subnet = Some(emulation.subnet_text());
         report.name_prefix = Some(emulation.prefix().to_string());
         report.netem_available = Some(emulation.netem_available());
+        // What the kernel says node 0's link carries, not what was asked for.
+        report.mtu = match emulation.link_mtu(0).await {
+            Ok(mtu) => Some(mtu),
+            Err(error) => {
+                eprintln!("cachemesh-testnet: cannot read node 0's link MTU back: {error}");
+                None
+            }
+        };
         let (to, between) = if host_rates.len() > 1 {
             (emulation.node(1), "node 0 and node 1")
         } else {

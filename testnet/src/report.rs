@@ -274,7 +274,8 @@ impl Report {
         let bullet = if markdown { "- " } else { "" };
         let mut out = String::new();
         let size = self.parameters.object_size;
-        let _ = writeln!(out, "{bullet}network: {}; latency {}", self.network.summary, self.network.latency);
+        let mtu = self.network.mtu.map(|mtu| format!("; MTU {mtu}")).unwrap_or_default();
+        let _ = writeln!(out, "{bullet}network: {}{mtu}; latency {}", self.network.summary, self.network.latency);
         if let Some(figure) = &self.kumar_ross {
             let _ = writeln!(
                 out,

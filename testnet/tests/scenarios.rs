@@ -245,6 +245,7 @@ fn shaped_cold_start_gets_every_node_the_object_within_one_origin_copy() {
         assert_eq!(network["mode"], "emulated", "root runs on emulated links:\n{explanation}");
         assert!(network["subnet"].as_str().unwrap().starts_with("198.1"), "{network}");
         assert!(network["netem_available"].is_boolean(), "netem is probed: {network}");
+        assert_eq!(network["mtu"], 9000, "links carry jumbo frames unless --mtu says otherwise: {network}");
         let links: Vec<u64> =
             report["rows"].as_array().unwrap().iter().map(|row| row["link_rate"].as_u64().unwrap()).collect();
         assert_eq!(links, [200_000_000, 200_000_000, 100_000_000], "the last third of the hosts is slow");
@@ -283,7 +284,8 @@ fn latency_is_added_to_every_host_and_the_measured_round_trip_includes_it() {
     // Goal: `--latency 2ms` delays every packet a host sends by 2 ms (an NFQUEUE rule per
     // namespace and the testnet's delay thread, no netem needed), so the round trip between
     // two hosts, measured with the delay in place, is at least 4 ms (a lower bound: a busy
-    // machine only adds to it); the run passes and leaves no namespace behind. Without
+    // machine only adds to it); the run passes and leaves no namespace behind; --mtu 1500
+    // gives links a plain Ethernet MTU (read back from the kernel). Without
     // emulation the testnet refuses --latency on loopback rather than ignore it.
     let (refused, _, _) = run_scenario("cold-start", "2", "1MiB", &["--net", "loopback", "--latency", "1ms"]);
     assert!(!refused.status.success(), "--latency on loopback must be refused");
@@ -297,11 +299,12 @@ fn latency_is_added_to_every_host_and_the_measured_round_trip_includes_it() {
         "cold-start",
         "3",
         "8MiB",
-        &["--host-rate", "200Mbit", "--latency", "2ms"],
+        &["--host-rate", "200Mbit", "--latency", "2ms", "--mtu", "1500"],
         &["identical_bytes", "origin_egress_one_copy"],
     );
     let network = &report["network"];
     assert_eq!(network["mode"], "emulated", "{network}");
+    assert_eq!(network["mtu"], 1500, "--mtu sets the links' MTU: {network}");
     assert_eq!(network["delay_us"].as_f64(), Some(2000.0), "{network}");
     let rtt = &network["rtt"];
     assert_eq!(rtt["between"], "node 0 and node 1", "{network}");
