@@ -116,7 +116,7 @@ pub fn object_home_order<K: Clone + Ord>(object: &ObjectId, index: usize, member
                     let head = u64::from_be_bytes(score[..8].try_into().unwrap_or_default());
                     // A fraction strictly inside (0, 1), exact in an f64 (52 bits plus a
                     // half, over 2^52), so -ln of it is positive and finite.
-                    let fraction = ((head >> 12) as f64 + 0.5) / 4_503_599_627_370_496.0;
+                    let fraction = ((head >> 12) as f64 + 0.5) / (1u64 << 52) as f64;
                     rate as f64 / -fraction.ln()
                 })
                 .collect();

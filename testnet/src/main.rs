@@ -63,6 +63,10 @@ const ROOT_PREFIX: &str = "cachemesh-testnet-";
 const ROOT_OWNER_FILE: &str = "testnet.pid";
 /// The emulated links' MTU unless `--mtu` says otherwise: a jumbo-frame datacenter fabric.
 const DEFAULT_MTU: u32 = 9000;
+/// Smallest `--mtu`: the least an IPv6 link may carry.
+const MTU_MIN: i64 = 1280;
+/// Largest `--mtu`: the most a veth takes.
+const MTU_MAX: i64 = 65_535;
 /// How long the children may take to be gone once killed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -152,7 +156,7 @@ struct RunArgs {
     /// cloud VPC's default is 9001 on some providers); 1500 models a plain Ethernet path. The
     /// daemons' QUIC finds the path's MTU by itself (up to 6550-byte packets). Emulated
     /// network only (loopback has its own MTU).
-    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MTU, value_parser = clap::value_parser!(u32).range(1280..=65535))]
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MTU, value_parser = clap::value_parser!(u32).range(MTU_MIN..=MTU_MAX))]
     mtu: u32,
     /// The fraction of hosts that are slow (0 to 1; the last round(F x N) nodes, so node 0
     /// stays at --host-rate unless every node is slow). Needs --slow-rate.
