@@ -3,6 +3,11 @@
 //! cache and (2) a 4 MiB durable write (create_new temp, write, fdatasync, rename, fsync of
 //! the directory), both through `cachemesh_daemon::store::ChunkIo`, the API the store uses.
 //!
+//! The write group times each backend twice: with the chunk's bytes where a buffer from a
+//! file read leaves them (not aligned: through the page cache), and aligned as the daemon
+//! receives chunks from peers and the origin (written with `O_DIRECT` when the filesystem
+//! takes it; the bench says which).
+//!
 //! A third group times the daemon's read verification (BLAKE3 of 4 MiB on one thread), the
 //! yardstick for what `verify_reads` costs next to the read itself.
 //!
@@ -14,7 +19,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use cachemesh_benches::{CHUNK_BYTES, scratch_dir, write_pseudorandom_file};
-use cachemesh_daemon::store::{ChunkIo, IoBackendChoice};
+use cachemesh_daemon::store::{ChunkIo, IoBackendChoice, aligned_vec, direct_eligible};
 use cachemesh_proto::ChunkId;
 use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
 
@@ -29,6 +34,12 @@ fn chunk_io(c: &mut Criterion) {
     let chunk_path = scratch.path().join("chunk-read");
     write_pseudorandom_file(&chunk_path, CHUNK_BYTES, 1);
     let data = Bytes::from(std::fs::read(&chunk_path).unwrap());
+    let aligned = {
+        let (mut buffer, start) = aligned_vec(data.len());
+        buffer.extend_from_slice(&data);
+        Bytes::from(buffer).slice(start..)
+    };
+    assert!(direct_eligible(&aligned) && !direct_eligible(&data[1..]));
 
     let backends: Vec<(&str, ChunkIo)> = BACKENDS
         .iter()
@@ -36,7 +47,7 @@ fn chunk_io(c: &mut Criterion) {
             let probe = scratch.path().join(format!("probe-{name}"));
             std::fs::create_dir_all(&probe).unwrap();
             let io = runtime
-                .block_on(ChunkIo::start(*choice, &probe))
+                .block_on(ChunkIo::start(*choice, true, &probe))
                 .unwrap_or_else(|error| panic!("cannot start the {name} backend: {error}"));
             // Both backends must return the same bytes, or the comparison is meaningless.
             assert_eq!(runtime.block_on(io.read(chunk_path.clone())).unwrap(), data, "{name} read back other bytes");
@@ -76,18 +87,24 @@ fn chunk_io(c: &mut Criterion) {
     group.sampling_mode(SamplingMode::Flat);
     group.measurement_time(Duration::from_secs(5));
     for (name, io) in &backends {
-        let directory = scratch.path().join(format!("write-{name}"));
-        std::fs::create_dir_all(&directory).unwrap();
-        // The rename moves the temp away every time, so one temp name satisfies create_new;
-        // the destination is replaced, as a re-stored chunk would be.
-        let temp: PathBuf = directory.join("chunk.tmp");
-        let destination = directory.join("chunk");
-        group.bench_function(*name, |b| {
-            b.iter(|| runtime.block_on(io.write_durable(temp.clone(), destination.clone(), data.clone())).unwrap());
-        });
-        // Absent when a filter skipped this bench.
-        if destination.exists() {
-            assert_eq!(std::fs::read(&destination).unwrap(), data, "{name} wrote other bytes");
+        let direct = if io.direct_writes().is_ok() { "direct" } else { "buffered_no_o_direct_here" };
+        for (bytes, label) in [(&data, "unaligned".to_string()), (&aligned, format!("aligned_{direct}"))] {
+            let label = format!("{name}_{label}");
+            let directory = scratch.path().join(format!("write-{label}"));
+            std::fs::create_dir_all(&directory).unwrap();
+            // The rename moves the temp away every time, so one temp name satisfies
+            // create_new; the destination is replaced, as a re-stored chunk would be.
+            let temp: PathBuf = directory.join("chunk.tmp");
+            let destination = directory.join("chunk");
+            group.bench_function(&label, |b| {
+                b.iter(|| {
+                    runtime.block_on(io.write_durable(temp.clone(), destination.clone(), bytes.clone())).unwrap()
+                });
+            });
+            // Absent when a filter skipped this bench.
+            if destination.exists() {
+                assert_eq!(std::fs::read(&destination).unwrap(), data, "{label} wrote other bytes");
+            }
         }
     }
     group.finish();

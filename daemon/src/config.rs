@@ -74,6 +74,9 @@ pub struct Settings {
     /// Chunk I/O backend.
     #[arg(long, global = true, env = "CACHEMESH_IO_BACKEND", value_enum)]
     pub io_backend: Option<IoBackendChoice>,
+    /// Write full chunks past the page cache (O_DIRECT) when the filesystem takes it.
+    #[arg(long, global = true, env = "CACHEMESH_DIRECT_WRITES", value_name = "BOOL")]
+    pub direct_writes: Option<bool>,
     /// Hash-check every chunk read from the local disk before serving it.
     #[arg(long, global = true, env = "CACHEMESH_VERIFY_READS", value_name = "BOOL")]
     pub verify_reads: Option<bool>,
@@ -197,6 +200,8 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// I/O backend choice.
     pub io_backend: IoBackendChoice,
+    /// Direct writes wanted (used when the filesystem takes them).
+    pub direct_writes: bool,
     /// Verify reads.
     pub verify_reads: bool,
     /// Origin concurrency.
@@ -379,6 +384,7 @@ impl Config {
             cache_size_bytes,
             metrics_listen: flags.metrics_listen.or(file.metrics_listen),
             io_backend: flags.io_backend.or(file.io_backend).unwrap_or(IoBackendChoice::Auto),
+            direct_writes: flags.direct_writes.or(file.direct_writes).unwrap_or(true),
             verify_reads: flags.verify_reads.or(file.verify_reads).unwrap_or(true),
             origin_concurrency: flags
                 .origin_concurrency

@@ -52,6 +52,7 @@ fn describe() {
         "Chunks or manifests whose bytes did not match their id, by source."
     );
     describe_counter!("cachemesh_store_write_errors_total", "Fetched chunks the local store could not keep.");
+    describe_counter!("cachemesh_store_direct_writes_total", "Chunk files written past the page cache (O_DIRECT).");
     describe_counter!("cachemesh_origin_requests_total", "Requests to the origin, by op (get, put, head).");
     describe_counter!("cachemesh_origin_errors_total", "Failed origin requests, by op.");
     describe_counter!("cachemesh_origin_bytes_total", Unit::Bytes, "Bytes moved to or from the origin, by direction.");

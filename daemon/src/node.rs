@@ -39,6 +39,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         budget_bytes: config.cache_size_bytes,
         verify_reads: config.verify_reads,
         io_backend: config.io_backend,
+        direct_writes: config.direct_writes,
     })
     .await
     .with_context(|| format!("opening the chunk store in {}", config.data_dir.display()))?;

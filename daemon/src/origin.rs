@@ -22,7 +22,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use cachemesh_proto::limits::{CHUNK_BYTES_MAX, MANIFEST_BYTES_MAX};
 use cachemesh_proto::{ChunkId, Manifest, ObjectId};
 use futures::StreamExt;
@@ -32,6 +32,7 @@ use tokio::sync::Semaphore;
 
 use crate::chunk::VerifiedChunk;
 use crate::relay::{Relay, RelayFeed};
+use crate::store::{DIRECT_IO_ALIGN, aligned_vec, direct_eligible};
 
 /// Retries of one origin request after a transient failure.
 pub const ORIGIN_RETRIES_MAX: usize = 3;
@@ -192,17 +193,19 @@ impl Origin {
             let Some(mut feed) = relay.and_then(|relay| relay.claim(size as usize)) else {
                 return response.bytes().await.map(|bytes| Ok((bytes, None)));
             };
-            let mut body = BytesMut::with_capacity(size as usize);
+            // Aligned, so the store can write the chunk past the page cache.
+            let (mut body, start) = aligned_vec(size as usize);
             let mut stream = response.into_stream();
             while let Some(piece) = stream.next().await {
                 let piece = piece?;
-                if (body.len() + piece.len()) as u64 > limit {
-                    return Ok(Err((body.len() + piece.len()) as u64));
+                let received = (body.len() - start + piece.len()) as u64;
+                if received > limit {
+                    return Ok(Err(received));
                 }
                 body.extend_from_slice(&piece);
                 feed.push(&piece);
             }
-            Ok(Ok((body.freeze(), Some(feed))))
+            Ok(Ok((Bytes::from(body).slice(start..), Some(feed))))
         }
         .await;
         metrics::histogram!("cachemesh_origin_request_seconds", "op" => "get").record(started.elapsed().as_secs_f64());
@@ -227,6 +230,7 @@ impl Origin {
     pub async fn get_chunk(&self, id: &ChunkId, relay: Option<&Arc<Relay>>) -> Result<VerifiedChunk, OriginError> {
         let key = chunk_key(id);
         let (bytes, feed) = self.get_bounded_relayed(&key, u64::from(CHUNK_BYTES_MAX), relay).await?;
+        let bytes = aligned_for_store(bytes);
         let chunk = VerifiedChunk::check(*id, bytes).map_err(|_| {
             metrics::counter!("cachemesh_verify_failures_total", "source" => "origin").increment(1);
             OriginError::Corrupt { key: key.to_string() }
@@ -282,6 +286,19 @@ impl Origin {
         self.put_create(manifest_key(&id), encoded).await?;
         Ok(id)
     }
+}
+
+/// `bytes` in memory the store can write past the page cache (see `store::io`): as they
+/// are when they already are, else copied when they are whole blocks (a full chunk; one
+/// memory copy costs less than the page cache copy of a buffered write); a short last
+/// chunk as it is.
+fn aligned_for_store(bytes: Bytes) -> Bytes {
+    if !bytes.len().is_multiple_of(DIRECT_IO_ALIGN) || direct_eligible(&bytes) {
+        return bytes;
+    }
+    let (mut buffer, start) = aligned_vec(bytes.len());
+    buffer.extend_from_slice(&bytes);
+    Bytes::from(buffer).slice(start..)
 }
 
 /// Outcome of [`Origin::create`].

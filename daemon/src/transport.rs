@@ -1331,8 +1331,9 @@ async fn exchange(
 }
 
 /// Reads exactly `length` body bytes (of which `first` arrived with the head), then the end
-/// of the stream, copying them into `feed` as they come. Allocates `length` once; the
-/// decoder bounded it by `CHUNK_BYTES_MAX`.
+/// of the stream, copying them into `feed` as they come. Allocates `length` once, aligned
+/// for a direct write to the store (`store::io::aligned_vec`); the decoder bounded it by
+/// `CHUNK_BYTES_MAX`.
 async fn read_body(
     recv: &mut RecvStream,
     length: u32,
@@ -1343,13 +1344,13 @@ async fn read_body(
     if first.len() > length {
         return Err(PeerError::Protocol("more bytes than the head announced".into()));
     }
-    let mut body = BytesMut::with_capacity(length);
+    let (mut body, start) = crate::store::aligned_vec(length);
     body.extend_from_slice(&first);
     if let Some(feed) = feed.as_deref_mut() {
         feed.push(&first);
     }
-    while body.len() < length {
-        match recv.read_chunk(length - body.len(), true).await.map_err(read_error)? {
+    while body.len() - start < length {
+        match recv.read_chunk(length - (body.len() - start), true).await.map_err(read_error)? {
             Some(chunk) => {
                 body.extend_from_slice(&chunk.bytes);
                 if let Some(feed) = feed.as_deref_mut() {
@@ -1357,7 +1358,8 @@ async fn read_body(
                 }
             }
             None => {
-                return Err(PeerError::Protocol(format!("stream ended after {} of {length} bytes", body.len())));
+                let received = body.len() - start;
+                return Err(PeerError::Protocol(format!("stream ended after {received} of {length} bytes")));
             }
         }
     }
@@ -1365,7 +1367,7 @@ async fn read_body(
         return Err(PeerError::Protocol("more bytes than the head announced".into()));
     }
     metrics::counter!("cachemesh_peer_download_bytes_total").increment(length as u64);
-    Ok(body.freeze())
+    Ok(Bytes::from(body).slice(start..))
 }
 
 // ---------------------------------------------------------------------------------------

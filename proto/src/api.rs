@@ -215,6 +215,12 @@ pub struct StoreStatus {
     pub io_backend: String,
     /// Why the backend was chosen (probe result, or forced by configuration).
     pub io_backend_reason: String,
+    /// Whether full chunks are written past the page cache (`O_DIRECT`).
+    #[serde(default)]
+    pub direct_writes: bool,
+    /// The probe's result: why the filesystem refuses direct writes, when it does.
+    #[serde(default)]
+    pub direct_writes_reason: String,
     /// Whether every chunk read is hash-checked before it is served.
     pub verify_reads: bool,
     /// Bytes of chunks held.

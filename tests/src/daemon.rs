@@ -53,6 +53,9 @@ pub struct DaemonOptions {
     pub args: Vec<String>,
     /// Environment variables to set.
     pub env: Vec<(String, String)>,
+    /// Where the daemon's root directory (data dir, socket, file origin) is made; the
+    /// system's temporary directory when `None`.
+    pub root_parent: Option<PathBuf>,
 }
 
 impl Default for DaemonOptions {
@@ -63,11 +66,18 @@ impl Default for DaemonOptions {
             path_flags: true,
             args: Vec::new(),
             env: Vec::new(),
+            root_parent: None,
         }
     }
 }
 
 impl DaemonOptions {
+    /// Options with the daemon's root directory made under `parent`.
+    pub fn in_dir(mut self, parent: &Path) -> Self {
+        self.root_parent = Some(parent.to_path_buf());
+        self
+    }
+
     /// Options with this cache size.
     pub fn with_cache_size(mut self, size: &str) -> Self {
         self.cache_size = Some(size.into());
@@ -120,7 +130,13 @@ impl Daemon {
 
     /// Prepares directories without starting (for tests that write a config file first).
     pub fn new(options: DaemonOptions) -> Self {
-        let root = tempfile::Builder::new().prefix("cachemesh-test-").tempdir().unwrap();
+        let mut builder = tempfile::Builder::new();
+        builder.prefix("cachemesh-test-");
+        let root = match &options.root_parent {
+            Some(parent) => builder.tempdir_in(parent),
+            None => builder.tempdir(),
+        }
+        .unwrap();
         let data_dir = root.path().join("data");
         let socket = root.path().join("api.sock");
         let (origin_dir, origin_url) = match &options.origin {

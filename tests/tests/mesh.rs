@@ -348,3 +348,35 @@ async fn a_killed_member_is_dropped_when_its_connection_breaks_and_rejoins_after
     victim.start_again().await;
     wait_members(&[&first, &second, &victim], 2).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunks_from_a_peer_are_written_past_the_page_cache() {
+    // Goal: a node storing full chunks it took from a peer writes them with O_DIRECT (on a
+    // filesystem that takes it: the build's disk), the short last chunk through the page
+    // cache, and serves the object from its disk after a restart.
+    let disk = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let shared = tempfile::tempdir_in(&disk).unwrap();
+    let origin = format!("file://{}", shared.path().join("origin").display());
+    let key = cluster_key(shared.path(), "cluster.key");
+    let holder = Daemon::start_with(mesh_options(&origin, &key, "dc-a", None).in_dir(&disk)).await;
+    let bootstrap = p2p_address(&holder).await;
+    let mut reader = Daemon::start_with(mesh_options(&origin, &key, "dc-a", Some(&bootstrap)).in_dir(&disk)).await;
+    wait_members(&[&holder, &reader], 1).await;
+    let (id, digest) = put_checked(&holder.client(), Pattern::new(test_seed()), 3 * CHUNK + 5).await;
+    assert_reads_back(&reader.client(), &id, &digest).await;
+    assert_no_chunk_left_the_origin(&[&reader]).await;
+    poll_until("the four fetched chunks to be stored", MESH_DEADLINE, || async {
+        (reader.status().await.store.chunk_count == 4).then_some(())
+    })
+    .await;
+    let store = reader.status().await.store;
+    assert!(store.direct_writes, "direct writes: {}", store.direct_writes_reason);
+    let metrics = reader.metrics().await;
+    assert_eq!(metrics.sum("cachemesh_store_direct_writes_total", &[]), 3.0, "{}", metrics.text);
+    reader.restart().await;
+    assert_reads_back(&reader.client(), &id, &digest).await;
+    let metrics = reader.metrics().await;
+    let elsewhere = metrics.sum("cachemesh_bytes_served_total", &[])
+        - metrics.sum("cachemesh_bytes_served_total", &[("source", "local")]);
+    assert_eq!(elsewhere, 0.0, "{}", metrics.text);
+}

@@ -343,6 +343,8 @@ async fn status(client: &Client, json: bool) -> anyhow::Result<()> {
     println!("origin:      {}", status.origin);
     println!("data dir:    {}", store.data_dir);
     println!("io backend:  {} ({})", store.io_backend, store.io_backend_reason);
+    let direct = if store.direct_writes { "yes" } else { "no" };
+    println!("direct writes: {direct} ({})", store.direct_writes_reason);
     println!(
         "cache:       {} of {} used, {} chunks, {} pinned",
         human_bytes(store.used_bytes),

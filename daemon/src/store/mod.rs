@@ -38,7 +38,7 @@ use cachemesh_proto::{ChunkId, Manifest, ObjectId};
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 
 use crate::chunk::VerifiedChunk;
-pub use io::{ChunkIo, IoBackendChoice, IoBackendKind};
+pub use io::{ChunkIo, DIRECT_IO_ALIGN, IoBackendChoice, IoBackendKind, aligned_vec, direct_eligible};
 use residency::Residency;
 
 const CHUNKS: TableDefinition<[u8; 32], (u32, u64)> = TableDefinition::new("chunks");
@@ -111,6 +111,8 @@ pub struct StoreConfig {
     pub verify_reads: bool,
     /// Which I/O backend to use.
     pub io_backend: IoBackendChoice,
+    /// Whether to write full chunks past the page cache when the filesystem takes it.
+    pub direct_writes: bool,
 }
 
 #[derive(Debug, Default)]
@@ -184,8 +186,14 @@ impl Store {
         let lock = lock_data_dir(&data_dir)?;
         let temp_dir = data_dir.join("tmp");
         clear_dir(&temp_dir)?;
-        let io = ChunkIo::start(config.io_backend, &temp_dir).await.map_err(io_error(&temp_dir))?;
-        tracing::info!(backend = io.kind().name(), reason = io.reason(), "chunk I/O backend chosen");
+        let io =
+            ChunkIo::start(config.io_backend, config.direct_writes, &temp_dir).await.map_err(io_error(&temp_dir))?;
+        tracing::info!(
+            backend = io.kind().name(),
+            reason = io.reason(),
+            direct_writes = io.direct_writes().is_ok(),
+            "chunk I/O backend chosen"
+        );
         let budget_bytes = config.budget_bytes;
         let (index, residency, pinned_objects) = blocking(move || {
             let index_path = data_dir.join("index.redb");
@@ -549,6 +557,11 @@ impl Store {
             data_dir: self.inner.config.data_dir.display().to_string(),
             io_backend: self.inner.io.kind().name().to_string(),
             io_backend_reason: self.inner.io.reason().to_string(),
+            direct_writes: self.inner.io.direct_writes().is_ok(),
+            direct_writes_reason: match self.inner.io.direct_writes() {
+                Ok(()) => "probe succeeded".to_string(),
+                Err(reason) => reason.to_string(),
+            },
             verify_reads: self.inner.config.verify_reads,
             used_bytes: state.residency.used_bytes(),
             budget_bytes: state.residency.budget_bytes(),
