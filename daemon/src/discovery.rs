@@ -93,6 +93,12 @@ const ANNOUNCE_GAP_MIN: Duration = Duration::from_millis(250);
 /// The most members a node keeps. All members of a DC fit in memory (home nodes are chosen
 /// from this table without network lookups); beyond this, new members are refused.
 pub const MEMBERS_MAX: usize = 8192;
+/// How long the sequence number of a peer that is not a member (it left, or expired) is
+/// remembered: longer than gossipsub keeps a message for re-delivery (its cache holds 5
+/// heartbeats of 1 s), so a stale announcement cannot outlive it.
+pub const SEQUENCE_MEMORY: Duration = Duration::from_secs(60);
+/// Most peers whose sequence numbers are remembered.
+const SEQUENCES_MAX: usize = 2 * MEMBERS_MAX;
 
 /// The most bytes of an encoded announcement; a longer message is refused before decoding.
 pub const ANNOUNCEMENT_BYTES_MAX: usize = 2048;
@@ -600,6 +606,10 @@ pub enum IgnoredReason {
     NotAMember,
     /// The table holds [`MEMBERS_MAX`] members.
     TableFull,
+    /// Older than an announcement already applied from the same peer: a gossip peer
+    /// re-delivered it, possibly after the node left (a node that joins is sent the
+    /// messages its gossip peers saw in the last seconds, in no particular order).
+    Stale,
 }
 
 impl MembershipUpdate {
@@ -612,22 +622,35 @@ impl MembershipUpdate {
             Self::Ignored(IgnoredReason::Local) => "local",
             Self::Ignored(IgnoredReason::NotAMember) => "not_a_member",
             Self::Ignored(IgnoredReason::TableFull) => "table_full",
+            Self::Ignored(IgnoredReason::Stale) => "stale",
         }
     }
 }
 
 /// The DC's members as this node knows them: fed announcements and the time, drained by
 /// [`Membership::members`]. Holds at most [`MEMBERS_MAX`] members, never this node.
+///
+/// Announcements are applied in each sender's order: gossipsub numbers a sender's messages
+/// (from its start time in nanoseconds, then one by one, so a restarted node numbers above
+/// its previous run), and one numbered at or below the last applied from that peer is
+/// ignored. Without that, a node that left could be re-added by its last "alive" arriving
+/// after its "leave": measured in a 16-node storm, a node restarted on an empty data dir
+/// took its predecessor for a member for 6 s, waited 5 s to reach it as two chunks' home,
+/// and those chunks left the origin twice. (A node restarted after its clock stepped back
+/// numbers below its previous run; it is taken back once its old number is forgotten,
+/// [`SEQUENCE_MEMORY`] after it stopped being a member.)
 #[derive(Debug)]
 pub struct Membership {
     local: PeerId,
     members: HashMap<PeerId, Member>,
+    /// Per peer, the sequence number of the last announcement applied and when it came.
+    sequences: HashMap<PeerId, (u64, Instant)>,
 }
 
 impl Membership {
     /// An empty table for the node `local`.
     pub fn new(local: PeerId) -> Self {
-        Self { local, members: HashMap::new() }
+        Self { local, members: HashMap::new(), sequences: HashMap::new() }
     }
 
     /// Whether `peer` is a member.
@@ -640,11 +663,24 @@ impl Membership {
         self.members.remove(peer).is_some()
     }
 
-    /// Applies an announcement signed by `source` and received at `now`.
+    /// Applies an announcement signed by `source` and received at `now`, in no order.
     pub fn handle_announcement(
         &mut self,
         now: Instant,
         source: PeerId,
+        announcement: &Announcement,
+    ) -> MembershipUpdate {
+        self.handle_numbered(now, source, None, announcement)
+    }
+
+    /// Applies an announcement signed by `source`, numbered `sequence` by it (gossipsub's
+    /// sequence number), received at `now`; ignores it when an announcement numbered as
+    /// high or higher from `source` was applied before.
+    pub fn handle_numbered(
+        &mut self,
+        now: Instant,
+        source: PeerId,
+        sequence: Option<u64>,
         announcement: &Announcement,
     ) -> MembershipUpdate {
         if announcement.peer_id != source {
@@ -652,6 +688,18 @@ impl Membership {
         }
         if source == self.local {
             return MembershipUpdate::Ignored(IgnoredReason::Local);
+        }
+        if let Some(sequence) = sequence {
+            let room = self.sequences.len() < SEQUENCES_MAX;
+            match self.sequences.get_mut(&source) {
+                Some((last, _)) if sequence <= *last => return MembershipUpdate::Ignored(IgnoredReason::Stale),
+                Some(entry) => *entry = (sequence, now),
+                // Past the bound the peer's announcements are applied unordered, as before.
+                None if room => {
+                    self.sequences.insert(source, (sequence, now));
+                }
+                None => {}
+            }
         }
         match announcement.kind {
             AnnouncementKind::Leave => match self.members.remove(&source) {
@@ -682,7 +730,8 @@ impl Membership {
         }
     }
 
-    /// Drops members not heard from for [`MEMBER_EXPIRY`]; returns them.
+    /// Drops members not heard from for [`MEMBER_EXPIRY`], and the sequence numbers of
+    /// non-members older than [`SEQUENCE_MEMORY`]; returns the members dropped.
     pub fn expire(&mut self, now: Instant) -> Vec<PeerId> {
         let mut expired = Vec::new();
         self.members.retain(|peer_id, member| {
@@ -691,6 +740,10 @@ impl Membership {
                 expired.push(*peer_id);
             }
             live
+        });
+        let members = &self.members;
+        self.sequences.retain(|peer_id, (_, at)| {
+            members.contains_key(peer_id) || now.saturating_duration_since(*at) < SEQUENCE_MEMORY
         });
         expired
     }
@@ -1803,8 +1856,13 @@ impl Actor {
         }
     }
 
-    fn handle_announcement(&mut self, source: PeerId, announcement: Announcement) -> (MessageAcceptance, &'static str) {
-        let update = self.membership.handle_announcement(Instant::now(), source, &announcement);
+    fn handle_announcement(
+        &mut self,
+        source: PeerId,
+        sequence: Option<u64>,
+        announcement: Announcement,
+    ) -> (MessageAcceptance, &'static str) {
+        let update = self.membership.handle_numbered(Instant::now(), source, sequence, &announcement);
         match update {
             MembershipUpdate::Joined => {
                 tracing::info!(peer_id = %announcement.peer_id, data_addr = %announcement.data_addr, "member joined");
@@ -1862,7 +1920,9 @@ impl Actor {
                     (MessageAcceptance::Ignore, "wrong_topic")
                 } else {
                     match (Announcement::decode(&message.data), message.source) {
-                        (Ok(announcement), Some(source)) => self.handle_announcement(source, announcement),
+                        (Ok(announcement), Some(source)) => {
+                            self.handle_announcement(source, message.sequence_number, announcement)
+                        }
                         (Ok(_), None) => (MessageAcceptance::Reject, "unsigned"),
                         (Err(error), _) => {
                             tracing::debug!(%error, %propagation_source, "malformed membership announcement");
@@ -2082,6 +2142,77 @@ mod tests {
             membership.handle_announcement(now, a, &leave),
             MembershipUpdate::Ignored(IgnoredReason::NotAMember)
         );
+    }
+
+    #[test]
+    fn an_alive_delivered_after_the_leave_does_not_bring_the_node_back() {
+        // Goal: announcements apply in the sender's order. A node's last "alive", sent before
+        // its "leave" but delivered after it (to a member, or to a node that joined and was
+        // sent both from its gossip peers' cache, the leave first), is ignored; the node
+        // restarted with the same identity numbers above its previous run and is back at once.
+        let now = Instant::now();
+        let (local, a) = (peer(), peer());
+        let leave = Announcement { kind: AnnouncementKind::Leave, ..alive(a, 1) };
+
+        let mut member_view = Membership::new(local);
+        assert_eq!(member_view.handle_numbered(now, a, Some(100), &alive(a, 1)), MembershipUpdate::Joined);
+        assert_eq!(member_view.handle_numbered(now, a, Some(102), &leave), MembershipUpdate::Left);
+        assert_eq!(
+            member_view.handle_numbered(now, a, Some(101), &alive(a, 1)),
+            MembershipUpdate::Ignored(IgnoredReason::Stale)
+        );
+        assert!(member_view.members().is_empty());
+
+        let mut newcomer_view = Membership::new(local);
+        assert_eq!(
+            newcomer_view.handle_numbered(now, a, Some(102), &leave),
+            MembershipUpdate::Ignored(IgnoredReason::NotAMember)
+        );
+        assert_eq!(
+            newcomer_view.handle_numbered(now, a, Some(101), &alive(a, 1)),
+            MembershipUpdate::Ignored(IgnoredReason::Stale)
+        );
+        assert!(newcomer_view.members().is_empty());
+        // Unordered (no sequence number), the same late alive would have re-added it.
+        assert_eq!(newcomer_view.handle_announcement(now, a, &alive(a, 1)), MembershipUpdate::Joined);
+
+        // Restarted: numbered from its new start time, above everything before.
+        let restarted = 1_000_000;
+        assert_eq!(member_view.handle_numbered(now, a, Some(restarted), &alive(a, 2)), MembershipUpdate::Joined);
+        // A duplicate of an applied announcement is stale too.
+        assert_eq!(
+            member_view.handle_numbered(now, a, Some(restarted), &alive(a, 2)),
+            MembershipUpdate::Ignored(IgnoredReason::Stale)
+        );
+    }
+
+    #[test]
+    fn sequence_numbers_of_non_members_are_forgotten_after_a_while() {
+        // Goal: the per-peer memory is bounded in time: a left node's number is kept for
+        // SEQUENCE_MEMORY, then dropped; members' numbers stay.
+        let t0 = Instant::now();
+        let (local, gone, stays) = (peer(), peer(), peer());
+        let mut membership = Membership::new(local);
+        membership.handle_numbered(t0, gone, Some(5), &alive(gone, 1));
+        membership.handle_numbered(
+            t0,
+            gone,
+            Some(6),
+            &Announcement { kind: AnnouncementKind::Leave, ..alive(gone, 1) },
+        );
+        membership.handle_numbered(t0, stays, Some(9), &alive(stays, 1));
+        let later = t0 + SEQUENCE_MEMORY - Duration::from_secs(1);
+        membership.handle_numbered(later, stays, Some(10), &alive(stays, 1));
+        membership.expire(later);
+        assert_eq!(
+            membership.handle_numbered(later, gone, Some(5), &alive(gone, 1)),
+            MembershipUpdate::Ignored(IgnoredReason::Stale)
+        );
+        let after = t0 + SEQUENCE_MEMORY + Duration::from_secs(1);
+        membership.handle_numbered(after, stays, Some(11), &alive(stays, 1));
+        membership.expire(after);
+        assert_eq!(membership.sequences.len(), 1, "only the member's number is kept");
+        assert_eq!(membership.handle_numbered(after, gone, Some(5), &alive(gone, 1)), MembershipUpdate::Joined);
     }
 
     #[test]
