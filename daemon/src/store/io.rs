@@ -15,9 +15,9 @@
 //! buffer) is written with `O_DIRECT`, past the page cache. The page cache copy of a
 //! buffered write was half of a fetching node's CPU (measured in `docs/benchmarks.md`), and
 //! the chunk would otherwise take page cache from the host's other work for as long as it
-//! stays there; the chunk was already handed to its readers from memory. Filesystems that
-//! refuse `O_DIRECT` (tmpfs) are found by a probe at start-up, and then every write is
-//! buffered. Reads stay buffered: a chunk read by peers is read many times, which the page
+//! stays there; the chunk was already handed to its readers from memory. A filesystem that
+//! refuses `O_DIRECT` (tmpfs on older kernels, some FUSE filesystems) is found by a probe at
+//! start-up, and then every write is buffered. Reads stay buffered: a chunk read by peers is read many times, which the page
 //! cache serves best.
 //!
 //! Non-goal: registered buffers.
@@ -127,8 +127,7 @@ impl ChunkIo {
 
     /// Writes one aligned block with `O_DIRECT` through the chosen backend and reads it back.
     async fn probe_direct(&self, probe_dir: &Path) -> io::Result<()> {
-        let (buffer, start) = aligned_vec(DIRECT_IO_ALIGN);
-        let mut buffer = buffer;
+        let (mut buffer, start) = aligned_vec(DIRECT_IO_ALIGN);
         buffer.extend((0..DIRECT_IO_ALIGN).map(|at| (at % 251) as u8));
         let data = Bytes::from(buffer).slice(start..);
         let temp = probe_dir.join("direct-probe.tmp");
@@ -205,10 +204,11 @@ impl ChunkIo {
     /// With `O_DIRECT` when the filesystem takes it and `data` is [`direct_eligible`].
     pub async fn write_durable(&self, temp: PathBuf, destination: PathBuf, data: Bytes) -> io::Result<()> {
         let direct = self.direct.is_ok() && direct_eligible(&data);
+        self.write(temp, destination, data, direct).await?;
         if direct {
             metrics::counter!("cachemesh_store_direct_writes_total").increment(1);
         }
-        self.write(temp, destination, data, direct).await
+        Ok(())
     }
 
     async fn write(&self, temp: PathBuf, destination: PathBuf, data: Bytes, direct: bool) -> io::Result<()> {
