@@ -663,19 +663,9 @@ impl Membership {
         self.members.remove(peer).is_some()
     }
 
-    /// Applies an announcement signed by `source` and received at `now`, in no order.
-    pub fn handle_announcement(
-        &mut self,
-        now: Instant,
-        source: PeerId,
-        announcement: &Announcement,
-    ) -> MembershipUpdate {
-        self.handle_numbered(now, source, None, announcement)
-    }
-
     /// Applies an announcement signed by `source`, numbered `sequence` by it (gossipsub's
-    /// sequence number), received at `now`; ignores it when an announcement numbered as
-    /// high or higher from `source` was applied before.
+    /// sequence number; `None` applies it in no order), received at `now`; ignores it when
+    /// an announcement numbered as high or higher from `source` was applied before.
     pub fn handle_numbered(
         &mut self,
         now: Instant,
@@ -2110,11 +2100,11 @@ mod tests {
         let t0 = Instant::now();
         let (local, a, b) = (peer(), peer(), peer());
         let mut membership = Membership::new(local);
-        assert_eq!(membership.handle_announcement(t0, a, &alive(a, 1)), MembershipUpdate::Joined);
-        assert_eq!(membership.handle_announcement(t0, b, &alive(b, 2)), MembershipUpdate::Joined);
+        assert_eq!(membership.handle_numbered(t0, a, None, &alive(a, 1)), MembershipUpdate::Joined);
+        assert_eq!(membership.handle_numbered(t0, b, None, &alive(b, 2)), MembershipUpdate::Joined);
         let later = t0 + ANNOUNCE_INTERVAL;
         let refresh = Announcement { link_rate: 3_125_000, ..alive(a, 3) };
-        assert_eq!(membership.handle_announcement(later, a, &refresh), MembershipUpdate::Refreshed);
+        assert_eq!(membership.handle_numbered(later, a, None, &refresh), MembershipUpdate::Refreshed);
         assert_eq!(membership.members().len(), 2);
         let a_member = membership.members().into_iter().find(|member| member.peer_id == a).unwrap();
         assert_eq!(a_member.data_addr.port(), 3, "a refresh carries the latest data address");
@@ -2134,12 +2124,12 @@ mod tests {
         let now = Instant::now();
         let (local, a) = (peer(), peer());
         let mut membership = Membership::new(local);
-        membership.handle_announcement(now, a, &alive(a, 1));
+        membership.handle_numbered(now, a, None, &alive(a, 1));
         let leave = Announcement { kind: AnnouncementKind::Leave, ..alive(a, 1) };
-        assert_eq!(membership.handle_announcement(now, a, &leave), MembershipUpdate::Left);
+        assert_eq!(membership.handle_numbered(now, a, None, &leave), MembershipUpdate::Left);
         assert!(membership.members().is_empty());
         assert_eq!(
-            membership.handle_announcement(now, a, &leave),
+            membership.handle_numbered(now, a, None, &leave),
             MembershipUpdate::Ignored(IgnoredReason::NotAMember)
         );
     }
@@ -2174,7 +2164,7 @@ mod tests {
         );
         assert!(newcomer_view.members().is_empty());
         // Unordered (no sequence number), the same late alive would have re-added it.
-        assert_eq!(newcomer_view.handle_announcement(now, a, &alive(a, 1)), MembershipUpdate::Joined);
+        assert_eq!(newcomer_view.handle_numbered(now, a, None, &alive(a, 1)), MembershipUpdate::Joined);
 
         // Restarted: numbered from its new start time, above everything before.
         let restarted = 1_000_000;
@@ -2222,17 +2212,17 @@ mod tests {
         let (local, a, mallory) = (peer(), peer(), peer());
         let mut membership = Membership::new(local);
         assert_eq!(
-            membership.handle_announcement(now, mallory, &alive(a, 1)),
+            membership.handle_numbered(now, mallory, None, &alive(a, 1)),
             MembershipUpdate::Ignored(IgnoredReason::SourceMismatch)
         );
         assert_eq!(
-            membership.handle_announcement(now, local, &alive(local, 1)),
+            membership.handle_numbered(now, local, None, &alive(local, 1)),
             MembershipUpdate::Ignored(IgnoredReason::Local)
         );
-        membership.handle_announcement(now, a, &alive(a, 1));
+        membership.handle_numbered(now, a, None, &alive(a, 1));
         let forged_leave = Announcement { kind: AnnouncementKind::Leave, ..alive(a, 1) };
         assert_eq!(
-            membership.handle_announcement(now, mallory, &forged_leave),
+            membership.handle_numbered(now, mallory, None, &forged_leave),
             MembershipUpdate::Ignored(IgnoredReason::SourceMismatch)
         );
         assert_eq!(membership.members().len(), 1);
@@ -2244,17 +2234,17 @@ mod tests {
         let now = Instant::now();
         let mut membership = Membership::new(peer());
         let first = peer();
-        membership.handle_announcement(now, first, &alive(first, 1));
+        membership.handle_numbered(now, first, None, &alive(first, 1));
         while membership.len() < MEMBERS_MAX {
             let next = peer();
-            membership.handle_announcement(now, next, &alive(next, 1));
+            membership.handle_numbered(now, next, None, &alive(next, 1));
         }
         let late = peer();
         assert_eq!(
-            membership.handle_announcement(now, late, &alive(late, 1)),
+            membership.handle_numbered(now, late, None, &alive(late, 1)),
             MembershipUpdate::Ignored(IgnoredReason::TableFull)
         );
-        assert_eq!(membership.handle_announcement(now, first, &alive(first, 2)), MembershipUpdate::Refreshed);
+        assert_eq!(membership.handle_numbered(now, first, None, &alive(first, 2)), MembershipUpdate::Refreshed);
         assert_eq!(membership.len(), MEMBERS_MAX);
     }
 

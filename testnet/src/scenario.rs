@@ -747,8 +747,12 @@ fn identical_bytes_check(name: &str, report: &Report, nodes: &[usize]) -> Check 
 }
 
 fn egress_check(name: &str, bytes: u64, object_size: u64, copies: f64) -> Check {
+    egress_within(name, bytes, object_size, EGRESS_RATIO_PER_DC_MAX * copies)
+}
+
+/// Chunk bytes from the origin at most `limit` times the object's size.
+fn egress_within(name: &str, bytes: u64, object_size: u64, limit: f64) -> Check {
     let ratio = bytes as f64 / object_size.max(1) as f64;
-    let limit = EGRESS_RATIO_PER_DC_MAX * copies;
     Check::new(
         name,
         ratio <= limit,
@@ -763,16 +767,7 @@ fn egress_check(name: &str, bytes: u64, object_size: u64, copies: f64) -> Check 
 /// the fix that made it hold, 16 nodes took 16-25% of the object from the origin: homes
 /// looking for a fresh chunk left the busy seed out of the holders they asked.)
 fn seeded_egress_check(bytes: u64, object_size: u64) -> Check {
-    let ratio = bytes as f64 / object_size.max(1) as f64;
-    let limit = EGRESS_RATIO_PER_DC_MAX - 1.0;
-    Check::new(
-        "origin_egress_none_with_a_seed",
-        ratio <= limit,
-        format!(
-            "{bytes} chunk bytes left the origin while node 0 held the whole {object_size}-byte object: {ratio:.3} x \
-             (limit {limit:.2} x)"
-        ),
-    )
+    egress_within("origin_egress_none_with_a_seed", bytes, object_size, EGRESS_RATIO_PER_DC_MAX - 1.0)
 }
 
 async fn cold_start(params: &Params, trial: &mut Trial, report: &mut Report) -> Result<(), TrialError> {
