@@ -29,14 +29,15 @@
 use cachemesh_proto::{ChunkId, ObjectId};
 
 /// Consecutive chunks of an object over which homes are balanced: the chunks a read has in
-/// flight at once (`objects::FETCH_WINDOW_CHUNKS`). Each member is home to at most
+/// flight at once in a small DC (`objects::FETCH_WINDOW_CHUNKS`). Each member is home to at most
 /// `ceil(PLACEMENT_BLOCK_CHUNKS / members)` chunks of a block.
 pub const PLACEMENT_BLOCK_CHUNKS: usize = 8;
 
 /// Consecutive chunks (whole blocks) over which homes are balanced as well: each member is
 /// home to at most `ceil(PLACEMENT_SPAN_CHUNKS / members)` chunks of a span, when the block
 /// caps leave a choice. Two blocks: up to 16 members each is home to an equal share of an
-/// object. Longer spans would balance more members but re-rank more chunks when one leaves
+/// object, and a read in a DC of 16 hosts or more has a span's worth of chunks in flight
+/// (`objects::FETCH_WINDOW_CHUNKS_MAX`). Longer spans would balance more members but re-rank more chunks when one leaves
 /// (see [`object_home_order`]), and computing a home replays the span.
 pub const PLACEMENT_SPAN_CHUNKS: usize = 2 * PLACEMENT_BLOCK_CHUNKS;
 
