@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod node;
 pub mod objects;
 pub mod origin;
+pub mod output;
 pub mod picker;
 pub mod placement;
 pub mod relay;

@@ -61,6 +61,17 @@ async fn cli_put_prints_only_the_id_and_get_round_trips() {
     assert_eq!(written.len() as u64, length);
     assert_eq!(blake3::hash(&written), expected.hash(), "get -o FILE content");
 
+    // Through the page cache on request, over a longer partial file an earlier attempt
+    // left behind: the same bytes, nothing of the stale file's tail.
+    let buffered_target = daemon.root().join("buffered.bin");
+    let partial = daemon.root().join(".buffered.bin.cachemesh-partial");
+    std::fs::write(&partial, vec![0xAA; length as usize + 4096]).unwrap();
+    let buffered =
+        daemon.cli(&["get", &id.to_string(), "--buffered", "-o", &buffered_target.display().to_string()]).await;
+    assert_ok(&buffered, "get --buffered -o");
+    assert_eq!(std::fs::read(&buffered_target).unwrap(), written, "get --buffered -o FILE content");
+    assert!(!partial.exists(), "the partial file became the target");
+
     let to_stdout = daemon.cli(&["get", &id.to_string()]).await;
     assert_ok(&to_stdout, "get to stdout");
     assert_eq!(to_stdout.stdout.len() as u64, length);

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use cachemesh_daemon::client::{Client, ClientError};
+use cachemesh_daemon::output::DirectFile;
 use cachemesh_proto::ObjectId;
 use cachemesh_proto::api::{FileEntry, PrefetchResponse};
 use clap::{Parser, Subcommand};
@@ -45,6 +46,11 @@ enum Command {
         /// Only these bytes, as an HTTP range: `0-1023`, `4096-` or `-512`.
         #[arg(long, value_name = "RANGE")]
         range: Option<String>,
+        /// Write the output file through the page cache (by default a new file is written
+        /// past it, where the filesystem allows, so a large download does not evict what
+        /// the host has cached).
+        #[arg(long)]
+        buffered: bool,
     },
     /// Show the daemon's status.
     Status {
@@ -126,6 +132,11 @@ enum FilesCommand {
         /// Only these bytes, as an HTTP range: `0-1023`, `4096-` or `-512`.
         #[arg(long, value_name = "RANGE")]
         range: Option<String>,
+        /// Write the output file through the page cache (by default a new file is written
+        /// past it, where the filesystem allows, so a large download does not evict what
+        /// the host has cached).
+        #[arg(long)]
+        buffered: bool,
     },
     /// Rename a file atomically; a file at the target is replaced.
     Mv {
@@ -236,22 +247,38 @@ async fn put(client: &Client, file: &Path, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn get(client: &Client, id: &str, output: Option<&Path>, range: Option<&str>) -> anyhow::Result<()> {
+async fn get(
+    client: &Client,
+    id: &str,
+    output: Option<&Path>,
+    range: Option<&str>,
+    buffered: bool,
+) -> anyhow::Result<()> {
     let id = parse_id(id)?;
     let range = range.map(|range| format!("bytes={range}"));
     let response = client.get_object(&id, range.as_deref()).await?;
-    save(response, output, "get").await
+    save(response, output, buffered, "get").await
+}
+
+/// Where `save` writes: a new regular file, past the page cache where the filesystem
+/// allows (`output::DirectFile`), or anything else (a device, a FIFO, standard output)
+/// through a buffer.
+enum Sink {
+    Direct(DirectFile),
+    Plain(Box<dyn std::io::Write + Send>),
 }
 
 /// Writes a streaming answer to `output` (a temp file renamed at the end; special files in
 /// place) or standard output, with a progress bar.
 ///
-/// The file is written by a blocking thread fed through a bounded queue of the body's
-/// frames, so receiving and writing overlap and no frame is copied on the way (small frames
-/// are gathered into [`OUTPUT_BUFFER_BYTES`] writes; large ones go straight through).
+/// The output is written by a blocking thread fed through a bounded queue of the body's
+/// frames, so receiving and writing overlap. A regular file is written past the page cache
+/// in 4 MiB blocks (`output::DirectFile`) unless `buffered`; anything else through
+/// [`OUTPUT_BUFFER_BYTES`] writes (large frames go straight through).
 async fn save(
     response: http::Response<hyper::body::Incoming>,
     output: Option<&Path>,
+    buffered: bool,
     label: &'static str,
 ) -> anyhow::Result<()> {
     let length =
@@ -260,13 +287,13 @@ async fn save(
     // Special files (/dev/null, a FIFO, a terminal) are written in place: renaming a temp
     // file over them would replace the device itself.
     let special = output.is_some_and(|path| std::fs::metadata(path).is_ok_and(|metadata| !metadata.is_file()));
-    let (sink, temp): (Box<dyn std::io::Write + Send>, Option<PathBuf>) = match output {
+    let (sink, temp): (Sink, Option<PathBuf>) = match output {
         Some(path) if special => {
             let file = std::fs::OpenOptions::new()
                 .write(true)
                 .open(path)
                 .with_context(|| format!("cannot open {}", path.display()))?;
-            (Box::new(file), None)
+            (Sink::Plain(Box::new(file)), None)
         }
         Some(path) => {
             // Write beside the target and rename at the end: no half-written file appears.
@@ -274,18 +301,34 @@ async fn save(
                 ".{}.cachemesh-partial",
                 path.file_name().and_then(|n| n.to_str()).unwrap_or("object")
             ));
-            let file = std::fs::File::create(&temp).with_context(|| format!("cannot create {}", temp.display()))?;
-            (Box::new(file), Some(temp))
+            let sink = if buffered {
+                let file = std::fs::File::create(&temp);
+                Sink::Plain(Box::new(file.with_context(|| format!("cannot create {}", temp.display()))?))
+            } else {
+                let file = DirectFile::create(&temp);
+                Sink::Direct(file.with_context(|| format!("cannot create {}", temp.display()))?)
+            };
+            (sink, Some(temp))
         }
-        None => (Box::new(std::io::stdout()), None),
+        None => (Sink::Plain(Box::new(std::io::stdout())), None),
     };
     let (frames, mut queue) = tokio::sync::mpsc::channel::<Bytes>(OUTPUT_QUEUE_FRAMES);
     let writer = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-        let mut out = std::io::BufWriter::with_capacity(OUTPUT_BUFFER_BYTES, sink);
-        while let Some(data) = queue.blocking_recv() {
-            std::io::Write::write_all(&mut out, &data)?;
+        match sink {
+            Sink::Plain(sink) => {
+                let mut out = std::io::BufWriter::with_capacity(OUTPUT_BUFFER_BYTES, sink);
+                while let Some(data) = queue.blocking_recv() {
+                    std::io::Write::write_all(&mut out, &data)?;
+                }
+                std::io::Write::flush(&mut out)
+            }
+            Sink::Direct(mut file) => {
+                while let Some(data) = queue.blocking_recv() {
+                    file.write_all(&data)?;
+                }
+                file.finish()
+            }
         }
-        std::io::Write::flush(&mut out)
     });
     let mut body = response.into_body();
     let mut received = 0u64;
@@ -463,10 +506,10 @@ async fn files(client: &Client, volume: &str, command: FilesCommand) -> anyhow::
                 println!("{} {} bytes, object {}, seq {}", answer.path, answer.size, answer.object_id, answer.seq);
             }
         }
-        FilesCommand::Download { path, output, range } => {
+        FilesCommand::Download { path, output, range, buffered } => {
             let range = range.map(|range| format!("bytes={range}"));
             let response = client.get_file(volume, &path, range.as_deref()).await?;
-            save(response, output.as_deref(), "download").await?;
+            save(response, output.as_deref(), buffered, "download").await?;
         }
         FilesCommand::Mv { from, to } => {
             let answer = client.rename_file(volume, &from, &to).await?;
@@ -554,7 +597,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let client = Client::new(socket);
     match cli.command {
         Command::Put { file, json } => put(&client, &file, json).await,
-        Command::Get { id, output, range } => get(&client, &id, output.as_deref(), range.as_deref()).await,
+        Command::Get { id, output, range, buffered } => {
+            get(&client, &id, output.as_deref(), range.as_deref(), buffered).await
+        }
         Command::Status { json } => status(&client, json).await,
         Command::Peers { json } => peers(&client, json).await,
         Command::Pin { id } => pin(&client, &id, true).await,
