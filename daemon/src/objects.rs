@@ -52,12 +52,13 @@ const _: () = assert!(FETCH_WINDOW_CHUNKS <= FETCH_WINDOW_CHUNKS_MAX);
 /// from its home, and homes are balanced over spans of consecutive chunks. A window of
 /// fewer chunks than hosts asks, at each moment, only some of the homes, whose upload lines
 /// then hold every reader's requests while other hosts' uploads idle. Measured with 16
-/// hosts at 100 Mbit reading 1 GiB at once (docs/benchmarks.md): a window of 16 took 113 s
-/// from the origin and 127 s from a seed, against 117 s and 132 s with 8; windows of 24
+/// hosts at 100 Mbit reading 1 GiB at once (docs/benchmarks.md): a window of 16 took 115 s
+/// from the origin and 127 s from a seed, against 117.6 s and 132 s with 8; windows of 24
 /// and 32 were slower again (more chunks asked of the origin at once, each arriving later).
 pub fn read_window(hosts: usize) -> usize {
     hosts.clamp(FETCH_WINDOW_CHUNKS, FETCH_WINDOW_CHUNKS_MAX)
 }
+
 /// Chunks of a pin in flight at once that no peer still fetching the object holds, per
 /// peer holding all of it (or for the origin, when none does): those chunks come from the
 /// whole holders or the origin, through the chunks' homes, whose upload every node warming
