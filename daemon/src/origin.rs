@@ -203,7 +203,7 @@ impl Origin {
                     return Ok(Err(received));
                 }
                 body.extend_from_slice(&piece);
-                feed.push(&piece);
+                feed.push(&body[start..]);
             }
             Ok(Ok((Bytes::from(body).slice(start..), Some(feed))))
         }

@@ -4,8 +4,8 @@
 //! a relay they wait for the whole chunk to arrive, be verified and only then start to
 //! receive it: each hop of the DC's distribution costs a whole chunk's transfer time. With
 //! one, the fetch ([`RelayFeed`], one per relay, claimed by whichever attempt receives the
-//! first bytes) copies what arrives into the relay, and the answers to waiting peers
-//! ([`RelayReader`]) send it on as it comes.
+//! first bytes) copies what arrives into the relay while anyone reads it, and the answers
+//! to waiting peers ([`RelayReader`]) send it on as it comes.
 //!
 //! Nothing unverified is passed on whole: a reader holds back the latest piece until the
 //! feed has ended verified ([`RelayFeed::finish`] takes the [`VerifiedChunk`] as proof), so
@@ -14,8 +14,8 @@
 //! then fall back to the fetch's verified answer, which must extend what they sent
 //! ([`RelayReader::sent_prefix_matches`]), or give up on their stream.
 //!
-//! Bounds: one copy of the chunk per relay (at most `CHUNK_BYTES_MAX`), in pieces of
-//! [`RELAY_PIECE_BYTES`] but the last.
+//! Bounds: at most one copy of the chunk per relay (`CHUNK_BYTES_MAX`), in pieces of
+//! [`RELAY_PIECE_BYTES`] but the last; none when nobody reads it.
 
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -86,7 +86,14 @@ impl Relay {
             state.length = Some(length);
         }
         self.notify();
-        Some(RelayFeed { relay: self.clone(), pending: BytesMut::new(), received: 0, length, finished: false })
+        Some(RelayFeed {
+            relay: self.clone(),
+            pending: BytesMut::new(),
+            received: 0,
+            copied: 0,
+            length,
+            finished: false,
+        })
     }
 
     /// A reader from the first byte.
@@ -97,24 +104,38 @@ impl Relay {
 
 /// Writes what arrives into a relay. Dropped without [`RelayFeed::finish`], it fails the
 /// relay.
+///
+/// Bytes are copied into the relay only while it has readers: a fetch nobody else waits
+/// for (a read of this node's own, in a DC where it is the chunk's home) costs no copy.
+/// A reader that joins later is caught up from the received prefix at the next
+/// [`RelayFeed::push`], or from the verified chunk at [`RelayFeed::finish`] (no copy).
 #[derive(Debug)]
 pub struct RelayFeed {
     relay: Arc<Relay>,
     pending: BytesMut,
+    /// Bytes received so far.
     received: usize,
+    /// Bytes of the received prefix copied into the relay (pending or in pieces).
+    copied: usize,
     length: usize,
     finished: bool,
 }
 
 impl RelayFeed {
-    /// Appends arrived bytes (not yet verified). Bytes past the claimed length fail the relay.
-    pub fn push(&mut self, bytes: &[u8]) {
-        if self.received + bytes.len() > self.length {
+    /// Takes note of what has arrived: `received` is every byte received so far, in order
+    /// (not yet verified), of which the bytes beyond the last call are new. A prefix past the
+    /// claimed length fails the relay.
+    pub fn push(&mut self, received: &[u8]) {
+        if received.len() > self.length || received.len() < self.received {
             self.fail();
             return;
         }
-        self.received += bytes.len();
-        self.pending.extend_from_slice(bytes);
+        self.received = received.len();
+        if self.relay.changed.receiver_count() == 0 {
+            return;
+        }
+        self.pending.extend_from_slice(&received[self.copied..]);
+        self.copied = received.len();
         if self.pending.len() >= RELAY_PIECE_BYTES {
             let mut state = self.relay.lock();
             while self.pending.len() >= RELAY_PIECE_BYTES {
@@ -125,24 +146,22 @@ impl RelayFeed {
         }
     }
 
-    /// Hands out what is pending, however short (at the end of the chunk).
-    fn flush(&mut self) {
-        if self.pending.is_empty() {
-            return;
-        }
-        let piece = self.pending.split().freeze();
-        self.relay.lock().pieces.push(piece);
-        self.relay.notify();
-    }
-
-    /// Ends the relay verified: `chunk` is what was fed, checked against its id.
+    /// Ends the relay verified: `chunk` is what was fed, checked against its id. What was
+    /// not copied (nobody was reading) is handed out from `chunk` itself.
     pub fn finish(mut self, chunk: &VerifiedChunk) {
         if chunk.bytes().len() != self.received || self.received != self.length {
             self.fail();
             return;
         }
-        self.flush();
-        self.relay.lock().end = End::Verified;
+        let mut state = self.relay.lock();
+        if !self.pending.is_empty() {
+            state.pieces.push(self.pending.split().freeze());
+        }
+        if self.copied < self.length {
+            state.pieces.push(chunk.bytes().slice(self.copied..));
+        }
+        state.end = End::Verified;
+        drop(state);
         self.finished = true;
         self.relay.notify();
     }
@@ -276,13 +295,63 @@ mod tests {
         let mut feed = relay.claim(chunk.bytes().len()).expect("the first claim feeds");
         assert!(relay.claim(chunk.bytes().len()).is_none(), "one feed per relay");
         let early = tokio::spawn(read_all(early));
-        for slice in chunk.bytes().chunks(1000) {
-            feed.push(slice);
+        let length = chunk.bytes().len();
+        for end in (1000..length).step_by(1000).chain([length]) {
+            feed.push(&chunk.bytes()[..end]);
         }
         let late = relay.reader();
         feed.finish(&chunk);
         assert_eq!(early.await.unwrap().unwrap(), chunk.bytes().to_vec());
         assert_eq!(read_all(late).await.unwrap(), chunk.bytes().to_vec());
+    }
+
+    #[tokio::test]
+    async fn a_relay_nobody_reads_copies_nothing_and_late_readers_catch_up() {
+        // Goal: a fetch no peer waits on costs no copy; a reader joining part way gets the
+        // prefix it missed at the next push, and one joining after the last push gets the
+        // verified chunk itself. Every reader gets exactly the chunk.
+        let chunk = chunk(4 * RELAY_PIECE_BYTES + 7);
+        let bytes = chunk.bytes().clone();
+        let relay = Relay::new();
+        let mut feed = relay.claim(bytes.len()).unwrap();
+        feed.push(&bytes[..RELAY_PIECE_BYTES + 3]);
+        assert_eq!((feed.copied, relay.lock().pieces.len()), (0, 0), "nobody reads: nothing copied");
+        let middle = relay.reader();
+        feed.push(&bytes[..3 * RELAY_PIECE_BYTES]);
+        assert_eq!(feed.copied, 3 * RELAY_PIECE_BYTES, "the reader's arrival made the feed catch up");
+        let middle = tokio::spawn(read_all(middle));
+        feed.push(&bytes);
+        let late = relay.reader();
+        feed.finish(&chunk);
+        assert_eq!(middle.await.unwrap().unwrap(), bytes.to_vec());
+        assert_eq!(read_all(late).await.unwrap(), bytes.to_vec());
+
+        // A reader that leaves stops the copying; the next one is caught up again.
+        let relay = Relay::new();
+        let mut feed = relay.claim(bytes.len()).unwrap();
+        let gone = relay.reader();
+        feed.push(&bytes[..RELAY_PIECE_BYTES]);
+        assert_eq!(feed.copied, RELAY_PIECE_BYTES);
+        drop(gone);
+        feed.push(&bytes[..2 * RELAY_PIECE_BYTES]);
+        assert_eq!(feed.copied, RELAY_PIECE_BYTES, "nobody reads: nothing more copied");
+        let next = relay.reader();
+        feed.push(&bytes);
+        assert_eq!(feed.copied, bytes.len());
+        feed.finish(&chunk);
+        assert_eq!(read_all(next).await.unwrap(), bytes.to_vec());
+
+        // Nobody ever read it: finishing hands the verified chunk out whole, without a copy.
+        let relay = Relay::new();
+        let mut feed = relay.claim(bytes.len()).unwrap();
+        feed.push(&bytes);
+        assert_eq!(feed.copied, 0);
+        let late = relay.reader();
+        feed.finish(&chunk);
+        let pieces = relay.lock().pieces.clone();
+        assert_eq!(pieces.len(), 1);
+        assert_eq!(pieces[0].as_ptr(), bytes.as_ptr(), "the piece is the verified chunk's own bytes");
+        assert_eq!(read_all(late).await.unwrap(), bytes.to_vec());
     }
 
     #[tokio::test]

@@ -1347,14 +1347,14 @@ async fn read_body(
     let (mut body, start) = crate::store::aligned_vec(length);
     body.extend_from_slice(&first);
     if let Some(feed) = feed.as_deref_mut() {
-        feed.push(&first);
+        feed.push(&body[start..]);
     }
     while body.len() - start < length {
         match recv.read_chunk(length - (body.len() - start), true).await.map_err(read_error)? {
             Some(chunk) => {
                 body.extend_from_slice(&chunk.bytes);
                 if let Some(feed) = feed.as_deref_mut() {
-                    feed.push(&chunk.bytes);
+                    feed.push(&body[start..]);
                 }
             }
             None => {
@@ -2149,7 +2149,7 @@ mod tests {
             tokio::time::timeout(Duration::from_millis(300), &mut fetch).await.is_err(),
             "no answer may complete before the home has verified the chunk"
         );
-        feed.push(&chunk[2 * crate::relay::RELAY_PIECE_BYTES..]);
+        feed.push(&chunk);
         assert!(
             tokio::time::timeout(Duration::from_millis(300), &mut fetch).await.is_err(),
             "all bytes arrived, but the last piece waits for the check"
@@ -2162,11 +2162,13 @@ mod tests {
         let mut feed = corrupt_relay.claim(corrupt_chunk.len()).unwrap();
         let mut bad = corrupt_chunk.to_vec();
         bad[0] ^= 0xff;
-        feed.push(&bad);
         let fetch = tokio::spawn({
             let plane = client.plane.clone();
             async move { plane.home_fetch(&peer, corrupt_id, None).await }
         });
+        // Once the peer waits on the relay, the bytes arrive (a relay nobody reads copies nothing).
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        feed.push(&bad);
         tokio::time::sleep(Duration::from_millis(200)).await;
         drop(feed); // the home's check failed
         // The home then got the chunk whole elsewhere; what was sent does not match it.
@@ -2179,11 +2181,12 @@ mod tests {
         // The home's source breaks off part way (correct bytes so far), and the home gets the
         // chunk whole elsewhere: the answer goes on from that copy, in one ask.
         let mut feed = lost_relay.claim(lost.len()).unwrap();
-        feed.push(&lost[..2 * crate::relay::RELAY_PIECE_BYTES]);
         let fetch = tokio::spawn({
             let plane = client.plane.clone();
             async move { plane.home_fetch(&peer, lost_id, None).await }
         });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        feed.push(&lost[..2 * crate::relay::RELAY_PIECE_BYTES]);
         tokio::time::sleep(Duration::from_millis(200)).await;
         drop(feed);
         lost_done.send(lost.clone()).unwrap();
