@@ -52,8 +52,9 @@ const _: () = assert!(FETCH_WINDOW_CHUNKS <= FETCH_WINDOW_CHUNKS_MAX);
 /// from its home, and homes are balanced over spans of consecutive chunks. A window of
 /// fewer chunks than hosts asks, at each moment, only some of the homes, whose upload lines
 /// then hold every reader's requests while other hosts' uploads idle. Measured with 16
-/// hosts at 100 Mbit reading 1 GiB at once (docs/benchmarks.md): a window of 16 took 115 s
-/// from the origin and 127 s from a seed, against 117.6 s and 132 s with 8; windows of 24
+/// hosts at 100 Mbit (docs/benchmarks.md): with a window of 16, 256 MiB from the origin
+/// took 30.6-31.4 s against 34.5-36.1 s with 8; at 1 GiB 114.7-118.5 s against 117.6 s
+/// (within the spread of single runs) and 127 s from a seed against 132 s; windows of 24
 /// and 32 were slower again (more chunks asked of the origin at once, each arriving later).
 pub fn read_window(hosts: usize) -> usize {
     hosts.clamp(FETCH_WINDOW_CHUNKS, FETCH_WINDOW_CHUNKS_MAX)
