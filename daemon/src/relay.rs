@@ -96,6 +96,11 @@ impl Relay {
         })
     }
 
+    /// Whether any reader (a peer's answer in progress) holds this relay.
+    pub fn has_readers(&self) -> bool {
+        self.changed.receiver_count() > 0
+    }
+
     /// A reader from the first byte.
     pub fn reader(self: &Arc<Self>) -> RelayReader {
         RelayReader { relay: self.clone(), changes: self.changed.subscribe(), next: 0, sent: 0 }
@@ -131,7 +136,7 @@ impl RelayFeed {
             return;
         }
         self.received = received.len();
-        if self.relay.changed.receiver_count() == 0 {
+        if !self.relay.has_readers() {
             return;
         }
         self.pending.extend_from_slice(&received[self.copied..]);

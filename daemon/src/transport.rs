@@ -2167,7 +2167,7 @@ mod tests {
             async move { plane.home_fetch(&peer, corrupt_id, None).await }
         });
         // Once the peer waits on the relay, the bytes arrive (a relay nobody reads copies nothing).
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        wait_for_reader(&corrupt_relay).await;
         feed.push(&bad);
         tokio::time::sleep(Duration::from_millis(200)).await;
         drop(feed); // the home's check failed
@@ -2185,13 +2185,22 @@ mod tests {
             let plane = client.plane.clone();
             async move { plane.home_fetch(&peer, lost_id, None).await }
         });
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        wait_for_reader(&lost_relay).await;
         feed.push(&lost[..2 * crate::relay::RELAY_PIECE_BYTES]);
         tokio::time::sleep(Duration::from_millis(200)).await;
         drop(feed);
         lost_done.send(lost.clone()).unwrap();
         assert_eq!(fetch.await.unwrap().map(VerifiedChunk::into_bytes), Ok(lost.clone()));
         assert_eq!(server.service.home_fetch_objects.lock().unwrap().len(), 4, "asked once");
+    }
+
+    /// Waits (10 s at most) until a peer's answer reads `relay`.
+    async fn wait_for_reader(relay: &Relay) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !relay.has_readers() {
+            assert!(Instant::now() < deadline, "no peer came to read the relay");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     #[tokio::test]

@@ -17,8 +17,8 @@
 //! the chunk would otherwise take page cache from the host's other work for as long as it
 //! stays there; the chunk was already handed to its readers from memory. A filesystem that
 //! refuses `O_DIRECT` (tmpfs on older kernels, some FUSE filesystems) is found by a probe at
-//! start-up, and then every write is buffered. Reads stay buffered: a chunk read by peers is read many times, which the page
-//! cache serves best.
+//! start-up, and then every write is buffered. Reads stay buffered: a chunk read by peers
+//! is read many times, which the page cache serves best.
 //!
 //! Non-goal: registered buffers.
 
