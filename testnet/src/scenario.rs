@@ -35,7 +35,7 @@ use crate::network::{NetMode, NetworkReport, Place};
 use crate::node::{Binaries, Node, NodeError};
 use crate::processes::Processes;
 use crate::report::{BySource, Check, KumarRossReport, NodeRow, OriginReport, Parameters, Report};
-use crate::shaping::{Downloader, Rate, RatePlan, kumar_ross};
+use crate::shaping::{BINDING_TERM_SHARE, Downloader, Rate, RatePlan, kumar_ross};
 use crate::testbed::{Layout, SetupError, Testbed};
 use crate::transfer::{PutError, Reader, Transfer, get_all, put};
 use cachemesh_daemon::client::ClientError;
@@ -827,6 +827,16 @@ fn kumar_ross_figure(params: &Params, report: &mut Report) -> Option<KumarRossRe
         vec![params.rates.origin, params.host_rates[PUT_NODE]]
     };
     let minimum = kumar_ross(params.object_size, &seeds, &downloaders)?;
+    if let Some((other, seconds)) = minimum.also_binding() {
+        report.notes.push(format!(
+            "no slack in the links: the Kumar-Ross terms {} ({:.1} s) and {other} ({seconds:.1} s) are within {:.0}% of \
+             each other, so the minimum needs both kinds of link busy from start to finish, and a host that falls behind \
+             cannot catch up; expect a higher ratio than with links to spare (docs/testnet.md)",
+            minimum.bound_by,
+            minimum.seconds,
+            (1.0 - BINDING_TERM_SHARE) * 100.0,
+        ));
+    }
     let times: Option<Vec<f64>> =
         report.rows.iter().filter(|row| is_downloader(row.node)).map(|row| row.seconds).collect();
     let measured_seconds = times?.into_iter().reduce(f64::max)?;

@@ -168,6 +168,34 @@ pub struct KumarRoss {
     pub bound_by: &'static str,
 }
 
+/// A term of the Kumar-Ross minimum at least this share of the largest counts as binding
+/// too ([`KumarRoss::also_binding`]).
+pub const BINDING_TERM_SHARE: f64 = 0.9;
+
+impl KumarRoss {
+    /// Another term within [`BINDING_TERM_SHARE`] of the minimum, by name and seconds: the
+    /// largest such one, if any.
+    ///
+    /// Why: when two terms are (nearly) equal, no link has slack. With hosts' links as fast as
+    /// the origin's, for example, the minimum is reached only if the origin sends and every
+    /// host receives at full rate from the first second to the last, and a host that falls
+    /// behind cannot catch up: the new bytes it lacks arrive no faster than its link. Measured
+    /// ratios are then well above those of links with room to spare (docs/testnet.md).
+    pub fn also_binding(&self) -> Option<(&'static str, f64)> {
+        [
+            ("seeds_upload", self.seeds_upload_seconds),
+            ("slowest_download", self.slowest_download_seconds),
+            ("aggregate_upload", self.aggregate_upload_seconds),
+        ]
+        .into_iter()
+        .filter(|(name, seconds)| *name != self.bound_by && *seconds >= BINDING_TERM_SHARE * self.seconds)
+        .fold(None, |best: Option<(&'static str, f64)>, term| match best {
+            Some(best) if best.1 >= term.1 => Some(best),
+            _ => Some(term),
+        })
+    }
+}
+
 /// One host that must download the file: its link rates, None when unshaped.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Downloader {
@@ -276,5 +304,26 @@ mod tests {
         // Unshaped everything: no bound.
         assert_eq!(kumar_ross(file, &[None], &[Downloader { upload: None, download: None }]), None);
         assert_eq!(kumar_ross(file, &[mbit(100)], &[]), None);
+    }
+
+    #[test]
+    fn terms_within_a_tenth_of_the_minimum_also_bind() {
+        // Goal: hosts as fast as the origin leave no slack (two terms equal); hosts twice as
+        // fast leave room, and so does an origin slower than everything else.
+        let mbit = |n: u64| Some(Rate::from_bits_per_second(n * 1_000_000));
+        let host = |n| Downloader { upload: mbit(n), download: mbit(n) };
+        let file = 100_000_000;
+        let equal = kumar_ross(file, &[mbit(100)], &[host(100); 16]).unwrap();
+        assert_eq!(equal.bound_by, "seeds_upload");
+        assert_eq!(equal.also_binding(), Some(("slowest_download", equal.seconds)));
+        let faster_hosts = kumar_ross(file, &[mbit(100)], &[host(200); 16]).unwrap();
+        assert_eq!(faster_hosts.bound_by, "seeds_upload");
+        assert_eq!(faster_hosts.also_binding(), None);
+        // 8 hosts at 105 Mbit/s: F / d_min is 0.95 of F / u_seeds (binding); the aggregate
+        // term, 8 x 8 s / (100 + 840) Mbit/s = 6.8 s, is not.
+        let close = kumar_ross(file, &[mbit(100)], &[host(105); 8]).unwrap();
+        let (name, seconds) = close.also_binding().unwrap();
+        assert_eq!(name, "slowest_download");
+        assert!((seconds - 800.0 / 105.0).abs() < 1e-9);
     }
 }
