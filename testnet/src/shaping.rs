@@ -309,7 +309,7 @@ mod tests {
     #[test]
     fn terms_within_a_tenth_of_the_minimum_also_bind() {
         // Goal: hosts as fast as the origin leave no slack (two terms equal); hosts twice as
-        // fast leave room, and so does an origin slower than everything else.
+        // fast leave room; hosts 5% faster than the origin leave too little to count.
         let mbit = |n: u64| Some(Rate::from_bits_per_second(n * 1_000_000));
         let host = |n| Downloader { upload: mbit(n), download: mbit(n) };
         let file = 100_000_000;
