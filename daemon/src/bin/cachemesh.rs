@@ -10,7 +10,7 @@ use cachemesh_daemon::client::{Client, ClientError};
 use cachemesh_daemon::output::DirectFile;
 use cachemesh_proto::ObjectId;
 use cachemesh_proto::api::{FileEntry, PrefetchResponse};
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use futures::StreamExt;
 use http_body_util::{BodyExt, StreamBody};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -40,17 +40,8 @@ enum Command {
     Get {
         /// The object id.
         id: String,
-        /// Output file (default: standard output).
-        #[arg(short, long, value_name = "FILE")]
-        output: Option<PathBuf>,
-        /// Only these bytes, as an HTTP range: `0-1023`, `4096-` or `-512`.
-        #[arg(long, value_name = "RANGE")]
-        range: Option<String>,
-        /// Write the output file through the page cache (by default a new file is written
-        /// past it, where the filesystem allows, so a large download does not evict what
-        /// the host has cached).
-        #[arg(long)]
-        buffered: bool,
+        #[command(flatten)]
+        save: SaveArgs,
     },
     /// Show the daemon's status.
     Status {
@@ -126,17 +117,8 @@ enum FilesCommand {
     Download {
         /// The path in the volume.
         path: String,
-        /// Output file (default: standard output).
-        #[arg(short, long, value_name = "FILE")]
-        output: Option<PathBuf>,
-        /// Only these bytes, as an HTTP range: `0-1023`, `4096-` or `-512`.
-        #[arg(long, value_name = "RANGE")]
-        range: Option<String>,
-        /// Write the output file through the page cache (by default a new file is written
-        /// past it, where the filesystem allows, so a large download does not evict what
-        /// the host has cached).
-        #[arg(long)]
-        buffered: bool,
+        #[command(flatten)]
+        save: SaveArgs,
     },
     /// Rename a file atomically; a file at the target is replaced.
     Mv {
@@ -247,17 +229,33 @@ async fn put(client: &Client, file: &Path, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn get(
-    client: &Client,
-    id: &str,
-    output: Option<&Path>,
-    range: Option<&str>,
+/// Where and how `get` and `files download` write what they receive.
+#[derive(Debug, Args)]
+struct SaveArgs {
+    /// Output file (default: standard output).
+    #[arg(short, long, value_name = "FILE")]
+    output: Option<PathBuf>,
+    /// Only these bytes, as an HTTP range: `0-1023`, `4096-` or `-512`.
+    #[arg(long, value_name = "RANGE")]
+    range: Option<String>,
+    /// Write the output file through the page cache (by default a new file is written
+    /// past it, where the filesystem allows, so a large download does not evict what
+    /// the host has cached).
+    #[arg(long)]
     buffered: bool,
-) -> anyhow::Result<()> {
+}
+
+impl SaveArgs {
+    /// The `Range` header value asked for, if any.
+    fn http_range(&self) -> Option<String> {
+        self.range.as_ref().map(|range| format!("bytes={range}"))
+    }
+}
+
+async fn get(client: &Client, id: &str, args: &SaveArgs) -> anyhow::Result<()> {
     let id = parse_id(id)?;
-    let range = range.map(|range| format!("bytes={range}"));
-    let response = client.get_object(&id, range.as_deref()).await?;
-    save(response, output, buffered, "get").await
+    let response = client.get_object(&id, args.http_range().as_deref()).await?;
+    save(response, args.output.as_deref(), args.buffered, "get").await
 }
 
 /// Where `save` writes: a new regular file, past the page cache where the filesystem
@@ -506,10 +504,9 @@ async fn files(client: &Client, volume: &str, command: FilesCommand) -> anyhow::
                 println!("{} {} bytes, object {}, seq {}", answer.path, answer.size, answer.object_id, answer.seq);
             }
         }
-        FilesCommand::Download { path, output, range, buffered } => {
-            let range = range.map(|range| format!("bytes={range}"));
-            let response = client.get_file(volume, &path, range.as_deref()).await?;
-            save(response, output.as_deref(), buffered, "download").await?;
+        FilesCommand::Download { path, save: args } => {
+            let response = client.get_file(volume, &path, args.http_range().as_deref()).await?;
+            save(response, args.output.as_deref(), args.buffered, "download").await?;
         }
         FilesCommand::Mv { from, to } => {
             let answer = client.rename_file(volume, &from, &to).await?;
@@ -597,9 +594,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let client = Client::new(socket);
     match cli.command {
         Command::Put { file, json } => put(&client, &file, json).await,
-        Command::Get { id, output, range, buffered } => {
-            get(&client, &id, output.as_deref(), range.as_deref(), buffered).await
-        }
+        Command::Get { id, save } => get(&client, &id, &save).await,
         Command::Status { json } => status(&client, json).await,
         Command::Peers { json } => peers(&client, json).await,
         Command::Pin { id } => pin(&client, &id, true).await,
