@@ -215,6 +215,18 @@ fn can_emulate() -> bool {
     namespace && veth
 }
 
+/// The report's notes that say the links have no slack.
+fn no_slack_notes(report: &serde_json::Value) -> Vec<String> {
+    report["notes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|note| note.as_str())
+        .filter(|note| note.starts_with("no slack in the links"))
+        .map(str::to_string)
+        .collect()
+}
+
 #[test]
 fn shaped_cold_start_gets_every_node_the_object_within_one_origin_copy() {
     // Goal: with host, slow-host and origin rates set, three nodes cold-start a 32 MiB object
@@ -262,6 +274,8 @@ fn shaped_cold_start_gets_every_node_the_object_within_one_origin_copy() {
         );
         let markdown = std::fs::read_to_string(out.join("report.md")).unwrap();
         assert!(markdown.contains("Kumar-Ross"), "{markdown}");
+        // The slow host's downlink bounds the minimum with room on every other term.
+        assert_eq!(no_slack_notes(&report), Vec::<String>::new(), "links with slack get no such note");
     } else {
         assert_eq!(network["mode"], "loopback", "{explanation}");
         // Root where namespaces or veth pairs are refused (a container without
@@ -497,14 +511,22 @@ fn mixed_workload_every_object_arrives_intact_and_leaves_the_origin_once() {
 fn origin_only_cold_start_pulls_the_object_from_the_origin_once() {
     // Goal: with --origin-only the put node forgets the object, so the fleet (the put node
     // included) must take it from the origin: exactly one copy leaves it, and the put node
-    // reads it like the others.
+    // reads it like the others. Hosts as fast as the origin leave the links no slack, and
+    // on emulated links the report says so.
     let report = assert_run_passes(
         "cold-start",
         "2",
         OBJECT_SIZE,
-        &["--origin-only"],
+        &["--origin-only", "--host-rate", "400Mbit", "--origin-rate", "400Mbit"],
         &["identical_bytes", "origin_egress_one_copy"],
     );
+    let no_slack = no_slack_notes(&report);
+    if report["network"]["mode"] == "emulated" {
+        assert_eq!(no_slack.len(), 1, "{:?}", report["notes"]);
+        assert!(no_slack[0].contains("seeds_upload") && no_slack[0].contains("slowest_download"), "{no_slack:?}");
+    } else {
+        assert_eq!(no_slack, Vec::<String>::new(), "no Kumar-Ross figure on loopback, so no note on it");
+    }
     let egress = report["origin"]["egress_ratio"].as_f64().unwrap();
     assert!((0.99..=1.02).contains(&egress), "one copy from the origin, not {egress}");
     let put_row = &report["rows"][0];
