@@ -21,6 +21,7 @@ pub mod output;
 pub mod picker;
 pub mod placement;
 pub mod relay;
+pub mod stall;
 pub mod store;
 pub mod transport;
 pub mod volume;

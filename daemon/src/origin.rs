@@ -18,6 +18,10 @@
 //! - Transient failures of S3 are retried by `object_store` with exponential backoff,
 //!   bounded by [`ORIGIN_RETRIES_MAX`] and [`ORIGIN_RETRY_TIMEOUT`], so an outage becomes a
 //!   clear error within seconds rather than a hang.
+//! - A read fails when the origin sends nothing for [`ORIGIN_STALL_TIMEOUT`] (`crate::stall`):
+//!   a body that keeps arriving is never cut off, however many requests share the origin's
+//!   link, and one that stops is given up within seconds. Every request as a whole is
+//!   bounded only by the generous [`ORIGIN_REQUEST_TIMEOUT`], which is what bounds a write.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -32,12 +36,21 @@ use tokio::sync::Semaphore;
 
 use crate::chunk::VerifiedChunk;
 use crate::relay::{Relay, RelayFeed};
+use crate::stall::{Progress, Stalled, until_stalled};
 use crate::store::{DIRECT_IO_ALIGN, aligned_vec, direct_eligible};
 
 /// Retries of one origin request after a transient failure.
 pub const ORIGIN_RETRIES_MAX: usize = 3;
 /// Longest time spent retrying one origin request.
 pub const ORIGIN_RETRY_TIMEOUT: Duration = Duration::from_secs(15);
+/// Longest wait for a read's answer or the next quantum of its body before it fails as
+/// stalled. On a slow or busy origin link a 4 MiB chunk may take minutes while still
+/// moving; cutting it off at a fixed time (the S3 client's default is 30 s) throws away
+/// what arrived and fails the reads waiting on it.
+pub const ORIGIN_STALL_TIMEOUT: Duration = Duration::from_secs(15);
+/// Longest time for any one S3 request, reads and writes alike: a safety net for a request
+/// that hangs, not a pace to keep (a 4 MiB chunk needs only about 110 kbit/s to make it).
+pub const ORIGIN_REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
 /// Default cap on origin requests in flight.
 pub const ORIGIN_CONCURRENCY_DEFAULT: usize = 16;
 
@@ -103,6 +116,22 @@ fn manifest_key(id: &ObjectId) -> StorePath {
     StorePath::from(format!("objects/{id}"))
 }
 
+/// `AmazonS3Builder::from_env`, with [`ORIGIN_REQUEST_TIMEOUT`] for a whole request instead
+/// of the client's 30 s; `AWS_TIMEOUT` still overrides it. (The client's own read timeout
+/// is no stall guard: it also fires while a slow upload is still sending its body.)
+fn s3_builder_from_env() -> object_store::aws::AmazonS3Builder {
+    let options = object_store::ClientOptions::new().with_timeout(ORIGIN_REQUEST_TIMEOUT);
+    let mut builder = object_store::aws::AmazonS3Builder::new().with_client_options(options);
+    for (key, value) in std::env::vars() {
+        if key.starts_with("AWS_")
+            && let Ok(key) = key.to_ascii_lowercase().parse::<object_store::aws::AmazonS3ConfigKey>()
+        {
+            builder = builder.with_config(key, value);
+        }
+    }
+    builder
+}
+
 fn config_error(url: &str, detail: impl std::fmt::Display) -> OriginError {
     OriginError::Config { url: url.to_string(), detail: detail.to_string() }
 }
@@ -120,7 +149,7 @@ impl Origin {
                 retry_timeout: ORIGIN_RETRY_TIMEOUT,
                 backoff: object_store::BackoffConfig::default(),
             };
-            let s3 = object_store::aws::AmazonS3Builder::from_env()
+            let s3 = s3_builder_from_env()
                 .with_bucket_name(bucket)
                 .with_retry(retry)
                 .build()
@@ -183,31 +212,39 @@ impl Origin {
         let _permit = self.permit().await;
         let started = Instant::now();
         metrics::counter!("cachemesh_origin_requests_total", "op" => "get").increment(1);
-        let result = async {
+        let progress = Progress::new(tokio::time::Instant::now());
+        let read = async {
             let response = self.store.get(key).await?;
+            progress.mark(tokio::time::Instant::now());
             let size = response.meta.size;
             if size > limit {
                 return Ok(Err(size));
             }
             // `size <= limit`, and every limit here fits in memory.
-            let Some(mut feed) = relay.and_then(|relay| relay.claim(size as usize)) else {
-                return response.bytes().await.map(|bytes| Ok((bytes, None)));
-            };
+            let mut feed = relay.and_then(|relay| relay.claim(size as usize));
             // Aligned, so the store can write the chunk past the page cache.
             let (mut body, start) = aligned_vec(size as usize);
             let mut stream = response.into_stream();
             while let Some(piece) = stream.next().await {
                 let piece = piece?;
+                progress.advance(piece.len() as u64, tokio::time::Instant::now());
                 let received = (body.len() - start + piece.len()) as u64;
                 if received > limit {
                     return Ok(Err(received));
                 }
                 body.extend_from_slice(&piece);
-                feed.push(&body[start..]);
+                if let Some(feed) = feed.as_mut() {
+                    feed.push(&body[start..]);
+                }
             }
-            Ok(Ok((Bytes::from(body).slice(start..), Some(feed))))
-        }
-        .await;
+            Ok(Ok((Bytes::from(body).slice(start..), feed)))
+        };
+        let result = until_stalled(ORIGIN_STALL_TIMEOUT, &progress, read).await.unwrap_or_else(|Stalled| {
+            Err(object_store::Error::Generic {
+                store: "origin",
+                source: format!("no bytes for {} s: the read stalled", ORIGIN_STALL_TIMEOUT.as_secs()).into(),
+            })
+        });
         metrics::histogram!("cachemesh_origin_request_seconds", "op" => "get").record(started.elapsed().as_secs_f64());
         match result {
             Ok(Ok((bytes, feed))) => {

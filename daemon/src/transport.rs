@@ -65,6 +65,7 @@ use tokio_util::task::TaskTracker;
 use crate::chunk::VerifiedChunk;
 use crate::identity::{NodeIdentity, verify_signature};
 use crate::relay::{Relay, RelayFeed, RelayReader};
+use crate::stall::{Progress, until_stalled};
 
 // ---------------------------------------------------------------------------------------
 // Limits and transport settings.
@@ -153,11 +154,18 @@ pub const ADMISSION_TIMEOUT: Duration = Duration::from_secs(5);
 /// Time a peer has to send its whole request once it opened a stream.
 pub const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Time for a have-set or chunk request, end to end (both sides).
+/// How long a have-set or chunk request may go without progress (both sides): until its
+/// answer's head, then between quanta of its body (`crate::stall`). No deadline bounds a
+/// transfer that keeps moving, so a slow or busy link never turns into a failed one.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Time for a home fetch, end to end (both sides): it may wait on the origin.
-pub const HOME_FETCH_TIMEOUT: Duration = Duration::from_secs(60);
+/// Like [`REQUEST_TIMEOUT`], for a home fetch. Its head may wait for the whole chunk to
+/// reach the home (when the home's relay slots are taken), and a chunk from a thin origin
+/// link shared by many homes' fetches can take minutes to arrive (64 chunks at once over
+/// 25 Mbit: 86 s each). A requester that gives up asks the next home candidate, which
+/// fetches the chunk from the origin again, so this is long; a dead home is found sooner
+/// anyway, when its connection is lost (see [`IDLE_TIMEOUT`]).
+pub const HOME_FETCH_TIMEOUT: Duration = Duration::from_secs(180);
 
 /// Time to deliver a refusal (`Busy`, `BadRequest`) before abandoning the stream.
 pub const REFUSAL_TIMEOUT: Duration = Duration::from_secs(2);
@@ -801,18 +809,19 @@ impl DataPlane {
         limit: Duration,
         relay: Option<&Arc<Relay>>,
     ) -> Result<Answer, PeerError> {
+        let progress = Progress::new(Instant::now());
         let attempt = async {
             let (connection, fresh) = self.connection(peer).await?;
-            match exchange(&connection, request, relay).await {
+            match exchange(&connection, request, relay, &progress).await {
                 Err(ExchangeError::Lost(detail)) if !fresh => {
                     tracing::debug!(peer = %peer.peer_id, %detail, "cached connection was dead; reconnecting");
                     let (connection, _) = self.connection(peer).await?;
-                    exchange(&connection, request, relay).await.map_err(ExchangeError::into_peer_error)
+                    exchange(&connection, request, relay, &progress).await.map_err(ExchangeError::into_peer_error)
                 }
                 other => other.map_err(ExchangeError::into_peer_error),
             }
         };
-        timeout(limit, attempt).await.unwrap_or(Err(PeerError::Timeout))
+        until_stalled(limit, &progress, attempt).await.unwrap_or(Err(PeerError::Timeout))
     }
 
     /// The cached admitted connection to `peer`, or a new one; `true` when new.
@@ -1285,6 +1294,7 @@ async fn exchange(
     connection: &Connection,
     request: Request,
     relay: Option<&Arc<Relay>>,
+    progress: &Progress,
 ) -> Result<Answer, ExchangeError> {
     let (mut send, mut recv) =
         connection.open_bi().await.map_err(|error| ExchangeError::Lost(format!("connection lost: {error}")))?;
@@ -1308,10 +1318,11 @@ async fn exchange(
         Err(FrameReadError::TooLong) => return Err(PeerError::Protocol("answer head too long".into()).into()),
         Err(FrameReadError::Ended) => return Err(PeerError::Protocol("stream ended before an answer".into()).into()),
     };
+    progress.mark(Instant::now());
     match head {
         ResponseHead::Chunk { length } => {
             let mut feed = relay.and_then(|relay| relay.claim(length as usize));
-            let body = read_body(&mut recv, length, rest, feed.as_mut()).await?;
+            let body = read_body(&mut recv, length, rest, feed.as_mut(), progress).await?;
             Ok(Answer::Chunk(body, feed))
         }
         ResponseHead::HaveSet { chunk_count, bitmap } => {
@@ -1339,6 +1350,7 @@ async fn read_body(
     length: u32,
     first: Bytes,
     mut feed: Option<&mut RelayFeed>,
+    progress: &Progress,
 ) -> Result<Bytes, PeerError> {
     let length = length as usize;
     if first.len() > length {
@@ -1352,6 +1364,7 @@ async fn read_body(
     while body.len() - start < length {
         match recv.read_chunk(length - (body.len() - start), true).await.map_err(read_error)? {
             Some(chunk) => {
+                progress.advance(chunk.bytes.len() as u64, Instant::now());
                 body.extend_from_slice(&chunk.bytes);
                 if let Some(feed) = feed.as_deref_mut() {
                     feed.push(&body[start..]);
@@ -1710,9 +1723,10 @@ impl<S: ChunkService> Server<S> {
                 REQUEST_TIMEOUT
             };
         let mut slot = None;
+        let progress = Progress::new(Instant::now());
         let outcome = tokio::select! {
             () = self.shutdown.cancelled() => Err(ServeError::ShuttingDown),
-            answered = timeout(limit, self.answer(peer_id, request, &mut send, &mut slot)) => answered.unwrap_or(Err(ServeError::TimedOut)),
+            answered = until_stalled(limit, &progress, self.answer(peer_id, request, &mut send, &mut slot, &progress)) => answered.unwrap_or(Err(ServeError::TimedOut)),
         };
         match outcome.and_then(|status| send.finish().map(|()| status).map_err(|_| WriteError::ClosedStream.into())) {
             Ok(status) => {
@@ -1741,6 +1755,7 @@ impl<S: ChunkService> Server<S> {
         request: Request,
         send: &mut SendStream,
         slot: &mut Option<OwnedSemaphorePermit>,
+        progress: &Progress,
     ) -> Result<Status, ServeError> {
         match request {
             Request::HaveSet(object) => {
@@ -1781,7 +1796,7 @@ impl<S: ChunkService> Server<S> {
                     return write_head(send, &refusal(Status::BadRequest, &message)).await;
                 };
                 let body = self.fault(chunk.slice(range)).await;
-                self.send_chunk(send, body, slot).await
+                self.send_chunk(send, body, slot, progress).await
             }
             Request::HomeFetch(_) | Request::HomeFetchOf { .. } => {
                 let (id, of) = match request {
@@ -1796,10 +1811,10 @@ impl<S: ChunkService> Server<S> {
                 match self.service.home_fetch(id, of).await {
                     Ok(HomeChunk::Whole(chunk)) => {
                         let body = self.fault(chunk).await;
-                        self.send_chunk(send, body, slot).await
+                        self.send_chunk(send, body, slot, progress).await
                     }
                     Ok(HomeChunk::Arriving { length, reader, answer }) => {
-                        self.send_arriving(send, length, reader, answer, slot).await
+                        self.send_arriving(send, length, reader, answer, slot, progress).await
                     }
                     Err(error) => write_head(send, &home_refusal(error)).await,
                 }
@@ -1821,6 +1836,7 @@ impl<S: ChunkService> Server<S> {
         send: &mut SendStream,
         body: Bytes,
         slot: &mut Option<OwnedSemaphorePermit>,
+        progress: &Progress,
     ) -> Result<Status, ServeError> {
         let Some(length) = head_length(body.len()) else {
             return write_head(send, &refusal(Status::Internal, "chunk too large")).await;
@@ -1832,7 +1848,8 @@ impl<S: ChunkService> Server<S> {
             _ = send.stopped() => return Err(ServeError::Abandoned),
         });
         write_head(send, &ResponseHead::Chunk { length }).await?;
-        self.write_body(send, &body).await?;
+        progress.mark(Instant::now());
+        self.write_body(send, &body, progress).await?;
         Ok(Status::Ok)
     }
 
@@ -1847,29 +1864,43 @@ impl<S: ChunkService> Server<S> {
         mut reader: RelayReader,
         answer: futures::future::BoxFuture<'static, Result<Bytes, HomeFetchError>>,
         slot: &mut Option<OwnedSemaphorePermit>,
+        progress: &Progress,
     ) -> Result<Status, ServeError> {
         let Some(head_length) = head_length(length) else {
             return write_head(send, &refusal(Status::Internal, "chunk too large")).await;
         };
         let Ok(relay_slot) = self.relay_slots.clone().try_acquire_owned() else {
             // Every relay slot is taken: wait for the whole chunk, then for an upload slot.
-            return match answer.await {
+            // The chunk arriving here is this request's progress meanwhile: a home fetch
+            // from a slow origin is waited for as long as it moves.
+            let arriving = async {
+                while let Ok(Some(piece)) = reader.next().await {
+                    progress.advance(piece.len() as u64, Instant::now());
+                }
+                std::future::pending::<()>().await;
+            };
+            let answer = tokio::select! {
+                answer = answer => answer,
+                () = arriving => unreachable!("waits forever once the relay ends"),
+            };
+            return match answer {
                 Ok(whole) => {
                     let body = self.fault(whole).await;
-                    self.send_chunk(send, body, slot).await
+                    self.send_chunk(send, body, slot, progress).await
                 }
                 Err(error) => write_head(send, &home_refusal(error)).await,
             };
         };
         *slot = Some(relay_slot);
         write_head(send, &ResponseHead::Chunk { length: head_length }).await?;
+        progress.mark(Instant::now());
         let mut first = true;
         loop {
             match reader.next().await {
                 Ok(Some(piece)) => {
                     let piece = if first { self.fault(piece).await } else { piece };
                     first = false;
-                    self.write_body(send, &piece).await?;
+                    self.write_body(send, &piece, progress).await?;
                 }
                 Ok(None) => {
                     metrics::counter!("cachemesh_relayed_chunks_total", "outcome" => "relayed").increment(1);
@@ -1884,7 +1915,7 @@ impl<S: ChunkService> Server<S> {
                     metrics::counter!("cachemesh_relayed_chunks_total", "outcome" => "finished_whole").increment(1);
                     let rest = whole.slice(reader.sent()..);
                     let rest = if first { self.fault(rest).await } else { rest };
-                    self.write_body(send, &rest).await?;
+                    self.write_body(send, &rest, progress).await?;
                     return Ok(Status::Ok);
                 }
             }
@@ -1892,7 +1923,7 @@ impl<S: ChunkService> Server<S> {
     }
 
     /// Writes `body` in [`UPLOAD_SLICE_BYTES`] slices, drawing on the upload budget.
-    async fn write_body(&self, send: &mut SendStream, body: &Bytes) -> Result<(), ServeError> {
+    async fn write_body(&self, send: &mut SendStream, body: &Bytes, progress: &Progress) -> Result<(), ServeError> {
         let mut at = 0;
         while at < body.len() {
             let end = body.len().min(at + UPLOAD_SLICE_BYTES);
@@ -1905,6 +1936,7 @@ impl<S: ChunkService> Server<S> {
                 }
             }
             send.write_chunk(slice).await?;
+            progress.advance((end - at) as u64, Instant::now());
             metrics::counter!("cachemesh_peer_upload_bytes_total").increment((end - at) as u64);
             at = end;
         }
@@ -2282,7 +2314,8 @@ mod tests {
 
         // Slices, through the raw exchange (get_chunk only hands out verified whole chunks).
         let (connection, _) = client.plane.connection(&peer).await.unwrap();
-        let slice = |offset, length| exchange(&connection, Request::GetChunk { id, offset, length }, None);
+        let progress = Progress::new(Instant::now());
+        let slice = |offset, length| exchange(&connection, Request::GetChunk { id, offset, length }, None, &progress);
         let Ok(Answer::Chunk(middle, _)) = slice(1000, 5000).await else { panic!("no slice") };
         assert_eq!(middle, chunk.slice(1000..6000));
         let Ok(Answer::Chunk(tail, _)) = slice(CHUNK_BYTES_MAX - 10, 0).await else { panic!("no tail") };
@@ -2404,7 +2437,8 @@ mod tests {
         let intruder = start(OTHER_CLUSTER, FakeService::default()).await;
         let connection = intruder.plane.shared.endpoint.connect(member.plane.local_addr(), SERVER_NAME).unwrap();
         let connection = connection.await.unwrap();
-        let answer = exchange(&connection, Request::HaveSet(ObjectId::of(b"o")), None).await;
+        let answer =
+            exchange(&connection, Request::HaveSet(ObjectId::of(b"o")), None, &Progress::new(Instant::now())).await;
         assert!(answer.is_err());
         let ConnectionError::ApplicationClosed(close) = connection.closed().await else { panic!("not refused") };
         assert_eq!(close.error_code, CLOSE_ADMISSION_REFUSED);

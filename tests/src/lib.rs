@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod moto;
 pub mod raw;
 pub mod support;
+pub mod throttle;
 
 use cachemesh_proto::ObjectId;
 use cachemesh_proto::api::PutObjectResponse;

@@ -49,6 +49,11 @@ impl Moto {
         format!("http://127.0.0.1:{}", self.port)
     }
 
+    /// The server's address.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
     /// The bucket.
     pub fn bucket(&self) -> &str {
         &self.bucket

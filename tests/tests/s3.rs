@@ -1,5 +1,6 @@
 //! An S3 origin (moto): objects reach the bucket in the documented layout, a cold cache
-//! reads them back from it, and an origin that dies mid-put publishes nothing.
+//! reads them back from it, an origin that dies mid-put publishes nothing, and a slow origin
+//! is waited for while it moves.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,6 +8,7 @@ use std::time::Duration;
 use cachemesh_proto::Manifest;
 use cachemesh_proto::api::ErrorCode;
 use cachemesh_tests::moto::Moto;
+use cachemesh_tests::throttle::{Pace, ThrottleProxy};
 use cachemesh_tests::*;
 
 const MIB: u64 = 1024 * 1024;
@@ -117,4 +119,46 @@ async fn s3_origin_killed_mid_put_publishes_nothing_and_the_retry_succeeds() {
     assert_eq!(id, expected.object_id());
     let cold = Daemon::start_with(s3_daemon(&moto, "killed")).await;
     assert_reads_back(&cold.client(), &id, &expected).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_s3_origin_is_waited_for_while_it_moves_and_given_up_when_it_stops() {
+    // Goal: reads from an S3 origin end on a stall, not on a deadline. A cold daemon reads
+    // through a proxy in front of moto:
+    // - trickled at 64 KiB per 0.8 s, a 2.5 MiB object takes about 32 s to arrive: longer
+    //   than the origin's stall limit (15 s) and than the S3 client's default deadline for a
+    //   whole request (30 s); it still arrives, identical;
+    // - stopped, a read fails with origin_unavailable saying the read stalled, and the
+    //   daemon stays up;
+    // - moving again, the same read succeeds.
+    let seed = test_seed();
+    let moto = Moto::start("cachemesh-e2e").await;
+    let writer = Daemon::start_with(s3_daemon(&moto, "slow")).await;
+    let length = 5 * MIB / 2;
+    let (trickled, trickled_digest) = put_checked(&writer.client(), Pattern::new(seed), length).await;
+    let (stalled, stalled_digest) = put_checked(&writer.client(), Pattern::new(seed ^ 1), length).await;
+
+    let proxy = ThrottleProxy::start(moto.addr()).await;
+    let endpoint = [("AWS_ENDPOINT_URL".to_string(), proxy.endpoint())];
+    let reader = Daemon::start_with(s3_daemon(&moto, "slow").with_env(&endpoint)).await;
+    let client = reader.client();
+
+    proxy.set(Pace::Trickle { bytes: 64 * 1024, every: Duration::from_millis(800) });
+    assert_reads_back(&client, &trickled, &trickled_digest).await;
+
+    proxy.set(Pace::Stopped);
+    match get_streamed(&client, &stalled, None).await {
+        Err(ClientError::Api { status, code, message }) => {
+            assert_eq!((status.as_u16(), code), (502, ErrorCode::OriginUnavailable), "error answer: {message}");
+            assert!(message.contains("stalled"), "the error does not say the origin stalled: {message}");
+        }
+        Ok(read) => panic!("a read from a stopped origin returned {} bytes", read.digest.length()),
+        Err(error) => panic!("a read from a stopped origin: expected origin_unavailable, got {error}"),
+    }
+    reader.status().await;
+
+    proxy.set(Pace::Free);
+    assert_reads_back(&client, &stalled, &stalled_digest).await;
+    let metrics = reader.metrics().await;
+    assert!(metrics.sum("cachemesh_origin_errors_total", &[("op", "get")]) >= 1.0, "{}", metrics.text);
 }
