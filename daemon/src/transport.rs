@@ -249,11 +249,15 @@ pub const UPLOAD_WAITING_BUSY_AFTER: usize = UPLOAD_SLOTS;
 /// upload slots. Such an answer goes at the pace of the home's own download, which may be
 /// a small share of a busy origin's link: in an upload slot it would keep the slot from
 /// chunks that are all here. Requesters beyond these wait in the line for the whole chunk.
-/// Why 7: a home's download of one chunk from a busy origin runs at about an eighth of a
-/// link, so its upload carries about 7 such answers at that pace; measured with 8 nodes
-/// reading from the origin, 7 slots were about 7% faster than 2 (mean 29.5 s against
-/// 31.7 s over 7 pairs of runs), and the same at 16 nodes and from a seed.
-pub const RELAY_SLOTS: usize = 7;
+/// Why 15: when N hosts read an object from the origin at once, N homes download a chunk
+/// each, every download at about 1/N of the origin's link, and each home has N - 1
+/// requesters; an upload as fast as the origin's link carries all N - 1 at that pace, so a
+/// DC of up to 16 hosts needs no requester to wait for the whole chunk. Measured
+/// (docs/benchmarks.md, 2026-11-30 eighth), 16 hosts reading from the origin: 7 slots left
+/// 8 requesters per chunk waiting, and 15 took 117-120 s against 132-166 s at 25 Mbit, and
+/// 121 s against 130-133 s at 100 Mbit. Earlier, with 8 hosts, 7 slots were about 7% faster
+/// than 2 (mean 29.5 s against 31.7 s over 7 pairs of runs).
+pub const RELAY_SLOTS: usize = 15;
 
 /// Bytes of a chunk written between two draws on the upload budget.
 pub const UPLOAD_SLICE_BYTES: usize = 64 * 1024;
