@@ -2531,6 +2531,48 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_chunk_that_keeps_moving_outlives_the_request_limit() {
+        // Goal: a request's limit bounds time without progress, not the transfer: a 4 MiB
+        // chunk paced by the server's upload budget at 1 MiB/s takes about 3 s, three times
+        // the client's 1 s limit, and arrives whole (each 64 KiB slice comes within about
+        // 62 ms). An end-to-end deadline fails this with a timeout.
+        const RATE_BYTES_PER_SECOND: u64 = 1024 * 1024;
+        let limit = Duration::from_secs(1);
+        let chunk = test_bytes("paced", CHUNK_BYTES_MAX as usize);
+        let id = ChunkId::of(&chunk);
+        let mut service = FakeService::default();
+        service.chunks.insert(id, chunk.clone());
+        let mut config = DataPlaneConfig::new(loopback(), DC.into(), identity(), CLUSTER);
+        config.upload_limit_bytes_per_second = Some(RATE_BYTES_PER_SECOND);
+        let server = start_with(config, service).await;
+        let client = start(CLUSTER, FakeService::default()).await;
+        let request = Request::GetChunk { id, offset: 0, length: 0 };
+        match client.plane.request(&server.target(), request, limit, None).await {
+            Ok(Answer::Chunk(body, _)) => assert_eq!(body, chunk),
+            Ok(_) => panic!("not a chunk answer"),
+            Err(error) => panic!("a paced chunk failed: {error}"),
+        }
+    }
+
+    #[cfg(feature = "test-faults")]
+    #[tokio::test]
+    async fn a_peer_that_sends_nothing_is_given_up_after_the_limit() {
+        // Goal: the other side of the same rule: a server that holds its answer back (the
+        // slow-peer fault, 5 s) makes a request with a 300 ms limit fail as timed out.
+        let chunk = test_bytes("held back", 100_000);
+        let id = ChunkId::of(&chunk);
+        let mut service = FakeService::default();
+        service.chunks.insert(id, chunk);
+        let mut config = DataPlaneConfig::new(loopback(), DC.into(), identity(), CLUSTER);
+        config.delay_served_chunks = Duration::from_secs(5);
+        let server = start_with(config, service).await;
+        let client = start(CLUSTER, FakeService::default()).await;
+        let request = Request::GetChunk { id, offset: 0, length: 0 };
+        let answer = client.plane.request(&server.target(), request, Duration::from_millis(300), None).await;
+        assert!(matches!(answer, Err(PeerError::Timeout)), "expected a timeout, got {:?}", answer.map(|_| "an answer"));
+    }
+
+    #[tokio::test]
     async fn the_upload_line_serves_in_order_and_turns_holders_away_from_a_long_line() {
         // Goal: with every slot taken, waiters are served first come first served; once
         // `busy_after` wait, holder requests are turned away (home requests still queue);

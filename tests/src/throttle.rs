@@ -27,6 +27,8 @@ pub enum Pace {
     Stopped,
 }
 
+/// Bytes read from the server at once.
+const READ_BYTES: usize = 64 * 1024;
 /// How often a stopped connection looks whether it may go on.
 const STOPPED_POLL: Duration = Duration::from_millis(50);
 
@@ -83,7 +85,7 @@ async fn forward(client: TcpStream, upstream: SocketAddr, pace: Arc<Mutex<Pace>>
         let _ = server_write.shutdown().await;
     };
     let answers = async {
-        let mut buffer = vec![0u8; 64 * 1024];
+        let mut buffer = vec![0u8; READ_BYTES];
         loop {
             let read = match server_read.read(&mut buffer).await {
                 Ok(0) | Err(_) => break,
