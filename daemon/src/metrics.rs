@@ -56,6 +56,10 @@ fn describe() {
     describe_counter!("cachemesh_origin_requests_total", "Requests to the origin, by op (get, put, head).");
     describe_counter!("cachemesh_origin_errors_total", "Failed origin requests, by op.");
     describe_counter!("cachemesh_origin_bytes_total", Unit::Bytes, "Bytes moved to or from the origin, by direction.");
+    describe_counter!(
+        "cachemesh_origin_stall_resumes_total",
+        "Origin reads whose body stalled and were asked afresh for the rest."
+    );
     describe_histogram!("cachemesh_origin_request_seconds", Unit::Seconds, "Origin request latency, by op.");
     describe_counter!("cachemesh_api_errors_total", "Error answers of the local API, by code.");
     describe_counter!("cachemesh_have_set_requests_total", "Have-set requests sent to holders.");

@@ -18,9 +18,11 @@
 //! - Transient failures of S3 are retried by `object_store` with exponential backoff,
 //!   bounded by [`ORIGIN_RETRIES_MAX`] and [`ORIGIN_RETRY_TIMEOUT`], so an outage becomes a
 //!   clear error within seconds rather than a hang.
-//! - A read fails when the origin sends nothing for [`ORIGIN_STALL_TIMEOUT`] (`crate::stall`):
-//!   a body that keeps arriving is never cut off, however many requests share the origin's
-//!   link, and one that stops is given up within seconds. Every request as a whole is
+//! - A read fails when the origin sends nothing for [`ORIGIN_STALL_TIMEOUT`] (`crate::stall`),
+//!   [`ORIGIN_STALL_RESUMES_MAX`] + 1 times in a row: a body that keeps arriving is never cut
+//!   off, however many requests share the origin's link; one that stops is resumed on a fresh
+//!   request from the first byte not yet received (objects are immutable), and given up
+//!   when that stalls too. Every request as a whole is
 //!   bounded only by the generous [`ORIGIN_REQUEST_TIMEOUT`], which is what bounds a write.
 
 use std::sync::Arc;
@@ -31,7 +33,7 @@ use cachemesh_proto::limits::{CHUNK_BYTES_MAX, MANIFEST_BYTES_MAX};
 use cachemesh_proto::{ChunkId, Manifest, ObjectId};
 use futures::StreamExt;
 use object_store::path::Path as StorePath;
-use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use tokio::sync::Semaphore;
 
 use crate::chunk::VerifiedChunk;
@@ -48,6 +50,15 @@ pub const ORIGIN_RETRY_TIMEOUT: Duration = Duration::from_secs(15);
 /// moving; cutting it off at a fixed time (the S3 client's default is 30 s) throws away
 /// what arrived and fails the reads waiting on it.
 pub const ORIGIN_STALL_TIMEOUT: Duration = Duration::from_secs(15);
+/// Fresh requests for the rest of a read whose body stalled, before the read fails.
+///
+/// Why: on a busy origin link one of many TCP connections can lose its packets again and
+/// again and back off for tens of seconds while the link stays busy with the others; a
+/// fresh connection asking for the remaining bytes is served at once. Measured: 16 hosts
+/// reading a fresh 256 MiB object through a 25 Mbit origin link (64 chunk downloads at
+/// once) lost a reader to a chunk whose body stopped for 15 s (docs/benchmarks.md,
+/// 2026-12-01). One resume: a second stall in a row is taken for an origin that is down.
+pub const ORIGIN_STALL_RESUMES_MAX: usize = 1;
 /// Longest time for any one S3 request, reads and writes alike: a safety net for a request
 /// that hangs, not a pace to keep (a 4 MiB chunk needs only about 110 kbit/s to make it).
 pub const ORIGIN_REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
@@ -211,47 +222,85 @@ impl Origin {
     ) -> Result<(Bytes, Option<RelayFeed>), OriginError> {
         let _permit = self.permit().await;
         let started = Instant::now();
-        metrics::counter!("cachemesh_origin_requests_total", "op" => "get").increment(1);
-        let progress = Progress::new(tokio::time::Instant::now());
-        let read = async {
-            let response = self.store.get(key).await?;
-            progress.mark(tokio::time::Instant::now());
-            let size = response.meta.size;
-            if size > limit {
-                return Ok(Err(size));
-            }
-            // `size <= limit`, and every limit here fits in memory.
-            let mut feed = relay.and_then(|relay| relay.claim(size as usize));
-            // Aligned, so the store can write the chunk past the page cache.
-            let (mut body, start) = aligned_vec(size as usize);
-            let mut stream = response.into_stream();
-            while let Some(piece) = stream.next().await {
-                let piece = piece?;
-                progress.advance(piece.len() as u64, tokio::time::Instant::now());
-                let received = (body.len() - start + piece.len()) as u64;
-                if received > limit {
-                    return Ok(Err(received));
+        // The body (aligned, so the store can write the chunk past the page cache; `start`
+        // is where it begins) once the size is known, and the relay feed, across resumes.
+        let mut body: Option<(Vec<u8>, usize, u64)> = None;
+        let mut feed: Option<RelayFeed> = None;
+        let mut resumes = 0;
+        let result = loop {
+            metrics::counter!("cachemesh_origin_requests_total", "op" => "get").increment(1);
+            let received = body.as_ref().map_or(0, |(bytes, start, _)| bytes.len() - start) as u64;
+            let progress = Progress::new(tokio::time::Instant::now());
+            let read = async {
+                let options = GetOptions { range: (received > 0).then_some(GetRange::Offset(received)), ..GetOptions::default() };
+                let response = self.store.get_opts(key, options).await?;
+                progress.mark(tokio::time::Instant::now());
+                let size = response.meta.size;
+                if size > limit {
+                    return Ok(Err(size));
                 }
-                body.extend_from_slice(&piece);
-                if let Some(feed) = feed.as_mut() {
-                    feed.push(&body[start..]);
+                if response.range.start != received {
+                    return Err(object_store::Error::Generic {
+                        store: "origin",
+                        source: format!("asked for bytes from {received}, got {:?}", response.range).into(),
+                    });
+                }
+                // `size <= limit`, and every limit here fits in memory.
+                let (bytes, start, _) = body.get_or_insert_with(|| {
+                    feed = relay.and_then(|relay| relay.claim(size as usize));
+                    let (bytes, start) = aligned_vec(size as usize);
+                    (bytes, start, size)
+                });
+                let mut stream = response.into_stream();
+                while let Some(piece) = stream.next().await {
+                    let piece = piece?;
+                    progress.advance(piece.len() as u64, tokio::time::Instant::now());
+                    metrics::counter!("cachemesh_origin_bytes_total", "direction" => "download")
+                        .increment(piece.len() as u64);
+                    let received = (bytes.len() - *start + piece.len()) as u64;
+                    if received > limit {
+                        return Ok(Err(received));
+                    }
+                    bytes.extend_from_slice(&piece);
+                    if let Some(feed) = feed.as_mut() {
+                        feed.push(&bytes[*start..]);
+                    }
+                }
+                Ok(Ok(()))
+            };
+            match until_stalled(ORIGIN_STALL_TIMEOUT, &progress, read).await {
+                Ok(outcome) => break outcome,
+                // Every byte arrived; only the end of the body did not.
+                Err(Stalled) if body.as_ref().is_some_and(|(bytes, start, size)| (bytes.len() - start) as u64 == *size) => {
+                    break Ok(Ok(()));
+                }
+                Err(Stalled) if resumes < ORIGIN_STALL_RESUMES_MAX => {
+                    resumes += 1;
+                    metrics::counter!("cachemesh_origin_stall_resumes_total").increment(1);
+                    tracing::debug!(%key, received, "origin read stalled; asking afresh for the rest");
+                }
+                Err(Stalled) => {
+                    break Err(object_store::Error::Generic {
+                        store: "origin",
+                        source: format!(
+                            "no bytes for {} s, {} times in a row: the read stalled",
+                            ORIGIN_STALL_TIMEOUT.as_secs(),
+                            resumes + 1
+                        )
+                        .into(),
+                    });
                 }
             }
-            Ok(Ok((Bytes::from(body).slice(start..), feed)))
         };
-        let result = until_stalled(ORIGIN_STALL_TIMEOUT, &progress, read).await.unwrap_or_else(|Stalled| {
-            Err(object_store::Error::Generic {
-                store: "origin",
-                source: format!("no bytes for {} s: the read stalled", ORIGIN_STALL_TIMEOUT.as_secs()).into(),
+        let result = result.map(|outcome| {
+            outcome.map(|()| {
+                let (bytes, start, _) = body.unwrap_or_else(|| (Vec::new(), 0, 0));
+                (Bytes::from(bytes).slice(start..), feed)
             })
         });
         metrics::histogram!("cachemesh_origin_request_seconds", "op" => "get").record(started.elapsed().as_secs_f64());
         match result {
-            Ok(Ok((bytes, feed))) => {
-                metrics::counter!("cachemesh_origin_bytes_total", "direction" => "download")
-                    .increment(bytes.len() as u64);
-                Ok((bytes, feed))
-            }
+            Ok(Ok((bytes, feed))) => Ok((bytes, feed)),
             Ok(Err(size)) => Err(OriginError::TooLarge { key: key.to_string(), size }),
             Err(object_store::Error::NotFound { .. }) => Err(OriginError::NotFound { key: key.to_string() }),
             Err(source) => {

@@ -25,6 +25,13 @@ pub enum Pace {
     },
     /// Held back (connections stay open) until the pace changes.
     Stopped,
+    /// Each connection passes its first `bytes` of answers as they come, then is held back
+    /// like [`Pace::Stopped`]: a connection that stops for good while new ones are served
+    /// (a TCP flow backing off on a busy link).
+    StopEachAfter {
+        /// Answer bytes each connection passes.
+        bytes: usize,
+    },
 }
 
 /// Bytes read from the server at once.
@@ -86,6 +93,7 @@ async fn forward(client: TcpStream, upstream: SocketAddr, pace: Arc<Mutex<Pace>>
     };
     let answers = async {
         let mut buffer = vec![0u8; READ_BYTES];
+        let mut passed = 0usize;
         loop {
             let read = match server_read.read(&mut buffer).await {
                 Ok(0) | Err(_) => break,
@@ -109,7 +117,15 @@ async fn forward(client: TcpStream, upstream: SocketAddr, pace: Arc<Mutex<Pace>>
                         at = end;
                         tokio::time::sleep(every).await;
                     }
-                    Pace::Stopped => tokio::time::sleep(STOPPED_POLL).await,
+                    Pace::StopEachAfter { bytes } if passed < bytes => {
+                        let end = read.min(at + (bytes - passed));
+                        if client_write.write_all(&buffer[at..end]).await.is_err() {
+                            return;
+                        }
+                        passed += end - at;
+                        at = end;
+                    }
+                    Pace::Stopped | Pace::StopEachAfter { .. } => tokio::time::sleep(STOPPED_POLL).await,
                 }
             }
         }

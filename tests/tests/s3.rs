@@ -128,8 +128,8 @@ async fn a_slow_s3_origin_is_waited_for_while_it_moves_and_given_up_when_it_stop
     // - trickled at 64 KiB per 0.8 s, a 2.5 MiB object takes about 32 s to arrive: longer
     //   than the origin's stall limit (15 s) and than the S3 client's default deadline for a
     //   whole request (30 s); it still arrives, identical;
-    // - stopped, a read fails with origin_unavailable saying the read stalled, and the
-    //   daemon stays up;
+    // - stopped (fresh requests too), a read fails with origin_unavailable saying the read
+    //   stalled (after one resume: two stall limits), and the daemon stays up;
     // - moving again, the same read succeeds.
     let seed = test_seed();
     let moto = Moto::start("cachemesh-e2e").await;
@@ -161,4 +161,33 @@ async fn a_slow_s3_origin_is_waited_for_while_it_moves_and_given_up_when_it_stop
     assert_reads_back(&client, &stalled, &stalled_digest).await;
     let metrics = reader.metrics().await;
     assert!(metrics.sum("cachemesh_origin_errors_total", &[("op", "get")]) >= 1.0, "{}", metrics.text);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_origin_read_whose_connection_stops_is_resumed_where_it_stopped() {
+    // Goal: a chunk download whose connection stops for good mid-body, while fresh
+    // connections are served (a TCP flow backing off on a busy link), is resumed on a fresh
+    // request for the bytes not yet received: the read completes identical, and the origin
+    // sends the bytes that had arrived only once. Each connection through the proxy passes
+    // 1.5 MiB, so a 2.5 MiB chunk needs one resume (after the 15 s stall limit).
+    let seed = test_seed();
+    let moto = Moto::start("cachemesh-e2e").await;
+    let writer = Daemon::start_with(s3_daemon(&moto, "resume")).await;
+    let length = 5 * MIB / 2;
+    let (id, digest) = put_checked(&writer.client(), Pattern::new(seed), length).await;
+
+    let proxy = ThrottleProxy::start(moto.addr()).await;
+    let endpoint = [("AWS_ENDPOINT_URL".to_string(), proxy.endpoint())];
+    let reader = Daemon::start_with(s3_daemon(&moto, "resume").with_env(&endpoint)).await;
+    proxy.set(Pace::StopEachAfter { bytes: 3 * MIB as usize / 2 });
+    assert_reads_back(&reader.client(), &id, &digest).await;
+
+    let metrics = reader.metrics().await;
+    assert!(metrics.sum("cachemesh_origin_stall_resumes_total", &[]) >= 1.0, "no read was resumed: {}", metrics.text);
+    let downloaded = metrics.sum("cachemesh_origin_bytes_total", &[("direction", "download")]);
+    // The chunk and a small manifest; a restart from the first byte would add 1.5 MiB.
+    assert!(
+        downloaded >= length as f64 && downloaded < (length + 64 * 1024) as f64,
+        "{downloaded} bytes downloaded from the origin for a {length}-byte object"
+    );
 }
