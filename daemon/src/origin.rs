@@ -232,7 +232,8 @@ impl Origin {
             let received = body.as_ref().map_or(0, |(bytes, start, _)| bytes.len() - start) as u64;
             let progress = Progress::new(tokio::time::Instant::now());
             let read = async {
-                let options = GetOptions { range: (received > 0).then_some(GetRange::Offset(received)), ..GetOptions::default() };
+                let options =
+                    GetOptions { range: (received > 0).then_some(GetRange::Offset(received)), ..GetOptions::default() };
                 let response = self.store.get_opts(key, options).await?;
                 progress.mark(tokio::time::Instant::now());
                 let size = response.meta.size;
@@ -271,7 +272,9 @@ impl Origin {
             match until_stalled(ORIGIN_STALL_TIMEOUT, &progress, read).await {
                 Ok(outcome) => break outcome,
                 // Every byte arrived; only the end of the body did not.
-                Err(Stalled) if body.as_ref().is_some_and(|(bytes, start, size)| (bytes.len() - start) as u64 == *size) => {
+                Err(Stalled)
+                    if body.as_ref().is_some_and(|(bytes, start, size)| (bytes.len() - start) as u64 == *size) =>
+                {
                     break Ok(Ok(()));
                 }
                 Err(Stalled) if resumes < ORIGIN_STALL_RESUMES_MAX => {
