@@ -106,7 +106,8 @@ pub struct Settings {
     pub upload_limit: Option<ByteRate>,
     /// This host's network rate each way, e.g. 12500000 or 100MiB (bytes per second). Announced to the
     /// DC, which makes homes of fewer chunks of hosts with slower links; unset, the host counts as
-    /// fast as the fastest that set one.
+    /// fast as the fastest that set one. Set, the host also sends peers more chunks at once while its
+    /// uploads leave the link idle.
     #[arg(long, global = true, env = "CACHEMESH_LINK_RATE", value_name = "RATE")]
     pub link_rate: Option<ByteRate>,
     /// Records between volume snapshots in the origin (a writer that appends a multiple of it writes one).
@@ -170,7 +171,8 @@ pub struct MeshConfig {
     pub bootstrap: Vec<String>,
     /// Upload budget in bytes per second.
     pub upload_limit_bytes_per_second: Option<u64>,
-    /// This host's link rate in bytes per second, announced for home placement.
+    /// This host's link rate in bytes per second, announced for home placement and used to
+    /// tune the upload line.
     pub link_rate_bytes_per_second: Option<u64>,
 }
 

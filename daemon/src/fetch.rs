@@ -412,16 +412,25 @@ impl Fetcher {
                 // object at once, all would ask those few, whose upload then carries every
                 // copy; instead the chunk's first home candidate that is not one of them
                 // fetches it once for the DC and serves it to the others (and they to each
-                // other, as holders).
+                // other, as holders). But a whole holder on a faster link than this node's
+                // can send it the chunk at its full rate and keep upload to spare: ask those
+                // first. They answer a reader only from an upload slot that is free now
+                // (Busy otherwise), so one whose link is taken still sends each chunk once,
+                // to its home.
                 let home = mesh.object_home_order(&object, index, &complete).into_iter().next();
-                match home {
-                    Some(None) => return self.fetch_as_home(id, of, mesh).await,
-                    Some(Some(home)) => {
-                        if let Some((chunk, source)) = mesh.race(vec![Attempt::Home(home, of)], id, of).await {
-                            return Ok(self.keep(chunk, source, Some(object)));
-                        }
-                    }
-                    None => {}
+                if let Some(None) = home {
+                    return self.fetch_as_home(id, of, mesh).await;
+                }
+                let faster: Vec<_> = mesh.faster_than_self(&complete).into_iter().take(HOLDER_ATTEMPTS_MAX).collect();
+                if !faster.is_empty()
+                    && let Some(chunk) = mesh.race_holders(faster, id).await
+                {
+                    return Ok(self.keep(chunk, Source::Peer, Some(object)));
+                }
+                if let Some(Some(home)) = home
+                    && let Some((chunk, source)) = mesh.race(vec![Attempt::Home(home, of)], id, of).await
+                {
+                    return Ok(self.keep(chunk, source, Some(object)));
                 }
                 let order = complete.into_iter().take(HOLDER_ATTEMPTS_MAX).collect();
                 if let Some(chunk) = mesh.race_holders(order, id).await {

@@ -24,5 +24,6 @@ pub mod relay;
 pub mod stall;
 pub mod store;
 pub mod transport;
+pub mod upload_line;
 pub mod volume;
 pub mod window;

@@ -36,7 +36,7 @@ use std::future::Future;
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::ops::Range;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering as AtomicOrdering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -66,6 +66,7 @@ use crate::chunk::VerifiedChunk;
 use crate::identity::{NodeIdentity, verify_signature};
 use crate::relay::{Relay, RelayFeed, RelayReader};
 use crate::stall::{Progress, until_stalled};
+use crate::upload_line::{UploadLine, UploadSlot, tune_periodically};
 
 // ---------------------------------------------------------------------------------------
 // Limits and transport settings.
@@ -232,19 +233,8 @@ pub const UDP_RECEIVE_BUFFER_BYTES: usize = 2 * CONNECTION_RECEIVE_WINDOW_BYTES 
 /// UDP socket send buffer asked of the kernel (capped by `net.core.wmem_max`).
 pub const UDP_SEND_BUFFER_BYTES: usize = 2 * CHUNK_BYTES_MAX as usize;
 
-/// Chunk answers this node transmits at once; further answers wait their turn, first come
-/// first served, and a slot is held until the peer has acknowledged the whole chunk.
-///
-/// Why: when one node holds a chunk many peers want (its home after an origin fetch, the
-/// seed of a fresh object), sharing its link among all of them makes every copy arrive at
-/// the same late moment, and none of the receivers can pass the chunk on meanwhile. Sending
-/// a few at a time at full speed makes the first copies arrive early; their receivers serve
-/// it too, and requesters still waiting here are hedged to them.
-pub const UPLOAD_SLOTS: usize = 3;
+pub use crate::upload_line::UPLOAD_SLOTS;
 
-/// Readers' chunk requests are answered `Busy` while this many chunk answers wait for a
-/// slot (a home's `GetChunkForHome` always waits its turn).
-pub const UPLOAD_WAITING_BUSY_AFTER: usize = UPLOAD_SLOTS;
 /// Answers a home sends while their chunk is still arriving (cut-through), besides the
 /// upload slots. Such an answer goes at the pace of the home's own download, which may be
 /// a small share of a busy origin's link: in an upload slot it would keep the slot from
@@ -396,6 +386,9 @@ pub struct DataPlaneConfig {
     pub admission_key: [u8; 32],
     /// Upload budget shared by all peers, in bytes per second; None for unlimited.
     pub upload_limit_bytes_per_second: Option<u64>,
+    /// This node's link rate in bytes per second (`--link-rate`), when known: the upload
+    /// line adds slots while uploads leave the link idle ([`crate::upload_line`]).
+    pub link_rate_bytes_per_second: Option<u64>,
     /// Test fault: chunks served to peers (GetChunk and home fetches) have one byte flipped.
     #[cfg(feature = "test-faults")]
     pub corrupt_served_chunks: bool,
@@ -413,6 +406,7 @@ impl DataPlaneConfig {
             identity,
             admission_key,
             upload_limit_bytes_per_second: None,
+            link_rate_bytes_per_second: None,
             #[cfg(feature = "test-faults")]
             corrupt_served_chunks: false,
             #[cfg(feature = "test-faults")]
@@ -580,6 +574,7 @@ pub fn describe_metrics() {
         "Inbound data-plane connections refused for capacity, by limit (admissions, connections, per_peer)."
     );
     describe_gauge!("cachemesh_peer_inbound_connections", "Admitted inbound data-plane connections.");
+    describe_gauge!("cachemesh_upload_slots", "Whole-chunk answers this node may send to peers at once.");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -667,6 +662,10 @@ impl DataPlane {
         let local =
             Arc::new(LocalHello { dc: config.dc, identity: config.identity, admission_key: config.admission_key });
         let tracker = TaskTracker::new();
+        let upload_line = Arc::new(UploadLine::new(UPLOAD_SLOTS));
+        if let Some(link) = config.link_rate_bytes_per_second.filter(|link| *link > 0) {
+            tracker.spawn(tune_periodically(upload_line.clone(), link, shutdown.clone()));
+        }
         let server = Arc::new(Server {
             service,
             local: local.clone(),
@@ -675,7 +674,7 @@ impl DataPlane {
             #[cfg(not(test))]
             upload,
             serving: Arc::new(Semaphore::new(SERVE_REQUESTS_MAX)),
-            upload_line: UploadLine::new(UPLOAD_SLOTS, UPLOAD_WAITING_BUSY_AFTER),
+            upload_line: upload_line.clone(),
             relay_slots: Arc::new(Semaphore::new(RELAY_SLOTS)),
             connections: Arc::new(Semaphore::new(CONNECTIONS_MAX)),
             peer_loads: Arc::new(Mutex::new(HashMap::new())),
@@ -1398,8 +1397,8 @@ struct Server<S> {
     upload: Option<Arc<Mutex<UploadBudget>>>,
     /// Requests in service across all connections ([`SERVE_REQUESTS_MAX`]).
     serving: Arc<Semaphore>,
-    /// Chunk answers being transmitted at once ([`UPLOAD_SLOTS`]) and those waiting.
-    upload_line: UploadLine,
+    /// Whole-chunk answers being transmitted at once, and homes waiting for a slot.
+    upload_line: Arc<UploadLine>,
     /// See [`RELAY_SLOTS`].
     relay_slots: Arc<Semaphore>,
     /// Admitted inbound connections ([`CONNECTIONS_MAX`]).
@@ -1477,46 +1476,6 @@ async fn accept_loop<S: ChunkService>(endpoint: Endpoint, server: Arc<Server<S>>
 }
 
 /// Why serving one request stopped short of a complete answer.
-/// The line for upload slots: at most `slots` chunk answers are transmitted at once, the
-/// others wait their turn first come first served (tokio's semaphore is fair), and holder
-/// requests are refused while `busy_after` answers already wait.
-///
-/// Invariant: `waiting` counts exactly the futures of [`UploadLine::turn`] that are pending
-/// (a dropped one, whose requester gave up, is uncounted by its guard).
-#[derive(Debug)]
-struct UploadLine {
-    slots: Arc<Semaphore>,
-    waiting: Arc<AtomicUsize>,
-    busy_after: usize,
-}
-
-/// Uncounts a waiter of an [`UploadLine`] when its wait ends, however it ends.
-struct Waiting(Arc<AtomicUsize>);
-
-impl Drop for Waiting {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, AtomicOrdering::Relaxed);
-    }
-}
-
-impl UploadLine {
-    fn new(slots: usize, busy_after: usize) -> Self {
-        Self { slots: Arc::new(Semaphore::new(slots)), waiting: Arc::new(AtomicUsize::new(0)), busy_after }
-    }
-
-    /// Whether a holder request should be served (else answered `Busy`).
-    fn takes_holder_requests(&self) -> bool {
-        self.waiting.load(AtomicOrdering::Relaxed) < self.busy_after
-    }
-
-    /// Waits for a slot (None when the line is closed); the slot is freed when dropped.
-    async fn turn(&self) -> Option<OwnedSemaphorePermit> {
-        self.waiting.fetch_add(1, AtomicOrdering::Relaxed);
-        let _waiting = Waiting(self.waiting.clone());
-        self.slots.clone().acquire_owned().await.ok()
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 enum ServeError {
     #[error("writing the answer: {0}")]
@@ -1758,7 +1717,7 @@ impl<S: ChunkService> Server<S> {
         peer_id: PeerId,
         request: Request,
         send: &mut SendStream,
-        slot: &mut Option<OwnedSemaphorePermit>,
+        slot: &mut Option<UploadSlot>,
         progress: &Progress,
     ) -> Result<Status, ServeError> {
         match request {
@@ -1787,11 +1746,17 @@ impl<S: ChunkService> Server<S> {
                 if let Some(busy) = self.upload_backlog_refusal() {
                     return write_head(send, &busy).await;
                 }
-                // A reader may go elsewhere (other holders, the home node); a home fetching
-                // for the DC may not, so only readers are turned away from a long line.
-                if !for_home && !self.upload_line.takes_holder_requests() {
-                    return write_head(send, &refusal(Status::Busy, "every upload slot has a line")).await;
-                }
+                // A reader may go elsewhere (other holders, the home node): it takes a slot
+                // that is free now or is turned away. A home fetching for the DC may not, so
+                // it waits its turn.
+                let reader_slot = if for_home {
+                    None
+                } else {
+                    match self.upload_line.reader_slot(peer_id) {
+                        Ok(slot) => Some(slot),
+                        Err(no_slot) => return write_head(send, &refusal(Status::Busy, no_slot.message())).await,
+                    }
+                };
                 let Some(chunk) = self.service.local_chunk(id).await else {
                     return write_head(send, &refusal(Status::NotFound, "chunk not held")).await;
                 };
@@ -1800,6 +1765,9 @@ impl<S: ChunkService> Server<S> {
                     return write_head(send, &refusal(Status::BadRequest, &message)).await;
                 };
                 let body = self.fault(chunk.slice(range)).await;
+                if reader_slot.is_some() {
+                    *slot = reader_slot;
+                }
                 self.send_chunk(send, body, slot, progress).await
             }
             Request::HomeFetch(_) | Request::HomeFetchOf { .. } => {
@@ -1833,13 +1801,13 @@ impl<S: ChunkService> Server<S> {
         (backlog > UPLOAD_BACKLOG_BUSY_AFTER).then(|| refusal(Status::Busy, "upload budget exhausted"))
     }
 
-    /// Waits for an upload slot (left in `slot`), then writes a chunk head and its bytes,
-    /// drawing on the upload budget slice by slice.
+    /// Waits for an upload slot (left in `slot`) unless `slot` already holds one, then
+    /// writes a chunk head and its bytes, drawing on the upload budget slice by slice.
     async fn send_chunk(
         &self,
         send: &mut SendStream,
         body: Bytes,
-        slot: &mut Option<OwnedSemaphorePermit>,
+        slot: &mut Option<UploadSlot>,
         progress: &Progress,
     ) -> Result<Status, ServeError> {
         let Some(length) = head_length(body.len()) else {
@@ -1847,10 +1815,12 @@ impl<S: ChunkService> Server<S> {
         };
         // A requester that got the chunk elsewhere while waiting resets its stream: give up
         // its turn rather than take a slot to find that out.
-        *slot = Some(tokio::select! {
-            turn = self.upload_line.turn() => turn.ok_or(ServeError::ShuttingDown)?,
-            _ = send.stopped() => return Err(ServeError::Abandoned),
-        });
+        if slot.is_none() {
+            *slot = Some(tokio::select! {
+                turn = self.upload_line.turn() => turn.ok_or(ServeError::ShuttingDown)?,
+                _ = send.stopped() => return Err(ServeError::Abandoned),
+            });
+        }
         write_head(send, &ResponseHead::Chunk { length }).await?;
         progress.mark(Instant::now());
         self.write_body(send, &body, progress).await?;
@@ -1867,7 +1837,7 @@ impl<S: ChunkService> Server<S> {
         length: usize,
         mut reader: RelayReader,
         answer: futures::future::BoxFuture<'static, Result<Bytes, HomeFetchError>>,
-        slot: &mut Option<OwnedSemaphorePermit>,
+        slot: &mut Option<UploadSlot>,
         progress: &Progress,
     ) -> Result<Status, ServeError> {
         let Some(head_length) = head_length(length) else {
@@ -1895,7 +1865,7 @@ impl<S: ChunkService> Server<S> {
                 Err(error) => write_head(send, &home_refusal(error)).await,
             };
         };
-        *slot = Some(relay_slot);
+        *slot = Some(relay_slot.into());
         write_head(send, &ResponseHead::Chunk { length: head_length }).await?;
         progress.mark(Instant::now());
         let mut first = true;
@@ -1942,6 +1912,7 @@ impl<S: ChunkService> Server<S> {
             send.write_chunk(slice).await?;
             progress.advance((end - at) as u64, Instant::now());
             metrics::counter!("cachemesh_peer_upload_bytes_total").increment((end - at) as u64);
+            self.upload_line.count_sent((end - at) as u64);
             at = end;
         }
         Ok(())
@@ -2573,47 +2544,6 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_upload_line_serves_in_order_and_turns_holders_away_from_a_long_line() {
-        // Goal: with every slot taken, waiters are served first come first served; once
-        // `busy_after` wait, holder requests are turned away (home requests still queue);
-        // a waiter that gives up leaves the line, and holders are taken again.
-        let line = Arc::new(UploadLine::new(1, 2));
-        let first = line.turn().await.unwrap();
-        assert!(line.takes_holder_requests());
-        let order = Arc::new(Mutex::new(Vec::new()));
-        let mut waiters = Vec::new();
-        for name in ["a", "b"] {
-            let (waiter_line, order) = (line.clone(), order.clone());
-            waiters.push(tokio::spawn(async move {
-                let slot = waiter_line.turn().await.unwrap();
-                order.lock().unwrap().push(name);
-                drop(slot);
-            }));
-            // Let it join the line before the next one.
-            while line.waiting.load(AtomicOrdering::Relaxed) < waiters.len() {
-                tokio::task::yield_now().await;
-            }
-        }
-        assert!(!line.takes_holder_requests(), "two wait: a holder request is refused");
-        let gave_up = {
-            let line = line.clone();
-            tokio::spawn(async move { line.turn().await.map(drop) })
-        };
-        while line.waiting.load(AtomicOrdering::Relaxed) < 3 {
-            tokio::task::yield_now().await;
-        }
-        gave_up.abort();
-        let _ = gave_up.await;
-        assert_eq!(line.waiting.load(AtomicOrdering::Relaxed), 2, "a waiter that gave up left the line");
-        drop(first);
-        for waiter in waiters {
-            waiter.await.unwrap();
-        }
-        assert_eq!(*order.lock().unwrap(), ["a", "b"], "first come first served");
-        assert!(line.takes_holder_requests());
-    }
-
-    #[tokio::test]
     async fn requests_beyond_the_per_peer_limit_get_busy() {
         // Goal: with REQUESTS_PER_PEER_MAX requests held in service, the next one from
         // the same peer is answered Busy at once rather than queued; the held ones complete.
@@ -2628,10 +2558,12 @@ mod tests {
         let client = start_with(config, FakeService::default()).await;
         let peer = server.target();
 
+        // Held as a home's requests: a reader's beyond UPLOAD_SLOTS_PER_PEER would be
+        // answered Busy by the upload line before they reach the gate.
         let mut held = tokio::task::JoinSet::new();
         for _ in 0..REQUESTS_PER_PEER_MAX {
             let plane = client.plane.clone();
-            held.spawn(async move { plane.get_chunk(&peer, id).await });
+            held.spawn(async move { plane.get_chunk_for_home(&peer, id, None).await });
         }
         let gate = server.service.gate.as_ref().unwrap();
         gate.started.acquire_many(REQUESTS_PER_PEER_MAX as u32).await.unwrap().forget();
@@ -2647,6 +2579,41 @@ mod tests {
         while let Some(result) = held.join_next().await {
             assert_eq!(result.unwrap().map(VerifiedChunk::into_bytes), Ok(chunk.clone()));
         }
+    }
+
+    #[tokio::test]
+    async fn a_reader_beyond_its_share_of_upload_slots_is_turned_away_and_a_home_waits() {
+        // Goal: a reader's chunk requests take upload slots that are free now; beyond
+        // UPLOAD_SLOTS_PER_PEER at once the next is answered Busy rather than queued, while
+        // a home's request from the same peer waits its turn and is served.
+        let chunk = test_bytes("share", 10_000);
+        let id = ChunkId::of(&chunk);
+        let mut service = FakeService::default();
+        service.chunks.insert(id, chunk.clone());
+        service.gate = Some(Gate { started: Semaphore::new(0), release: Semaphore::new(0) });
+        let server = start(CLUSTER, service).await;
+        let client = start(CLUSTER, FakeService::default()).await;
+        let peer = server.target();
+
+        let mut held = tokio::task::JoinSet::new();
+        for _ in 0..crate::upload_line::UPLOAD_SLOTS_PER_PEER {
+            let plane = client.plane.clone();
+            held.spawn(async move { plane.get_chunk(&peer, id).await });
+        }
+        let gate = server.service.gate.as_ref().unwrap();
+        gate.started.acquire_many(crate::upload_line::UPLOAD_SLOTS_PER_PEER as u32).await.unwrap().forget();
+        assert_eq!(client.plane.get_chunk(&peer, id).await, Err(PeerError::Busy), "a reader beyond its share");
+
+        let home = {
+            let plane = client.plane.clone();
+            tokio::spawn(async move { plane.get_chunk_for_home(&peer, id, None).await })
+        };
+        gate.started.acquire().await.unwrap().forget();
+        gate.release.add_permits(crate::upload_line::UPLOAD_SLOTS_PER_PEER + 1);
+        while let Some(result) = held.join_next().await {
+            assert_eq!(result.unwrap().map(VerifiedChunk::into_bytes), Ok(chunk.clone()));
+        }
+        assert_eq!(home.await.unwrap().map(VerifiedChunk::into_bytes), Ok(chunk.clone()), "the home is served");
     }
 
     #[tokio::test]
@@ -2692,10 +2659,12 @@ mod tests {
         let server = start_with(config, service).await;
         let client = start(CLUSTER, FakeService::default()).await;
 
+        // As a home's requests, which all wait their turn (a reader's beyond
+        // UPLOAD_SLOTS_PER_PEER would be answered Busy).
         let mut fetches = tokio::task::JoinSet::new();
         for id in ids {
             let (plane, peer) = (client.plane.clone(), server.target());
-            fetches.spawn(async move { (id, plane.get_chunk(&peer, id).await) });
+            fetches.spawn(async move { (id, plane.get_chunk_for_home(&peer, id, None).await) });
         }
         let mut bytes = 0u64;
         while let Some(result) = fetches.join_next().await {
