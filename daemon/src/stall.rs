@@ -36,18 +36,23 @@ struct State {
     moved_at: Instant,
     /// Bytes since the last quantum.
     pending: u64,
+    /// Steps marked so far.
+    marks: u32,
+    /// Bytes moved so far.
+    bytes: u64,
 }
 
 impl Progress {
     /// A transfer starting at `now`.
     pub fn new(now: Instant) -> Self {
-        Self { state: Mutex::new(State { moved_at: now, pending: 0 }) }
+        Self { state: Mutex::new(State { moved_at: now, pending: 0, marks: 0, bytes: 0 }) }
     }
 
     /// Records `bytes` moved at `now`.
     pub fn advance(&self, bytes: u64, now: Instant) {
         let mut state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         state.pending += bytes;
+        state.bytes += bytes;
         if state.pending >= PROGRESS_QUANTUM_BYTES {
             state.pending %= PROGRESS_QUANTUM_BYTES;
             state.moved_at = now;
@@ -58,6 +63,13 @@ impl Progress {
     pub fn mark(&self, now: Instant) {
         let mut state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         state.moved_at = now;
+        state.marks += 1;
+    }
+
+    /// Steps marked and bytes moved so far, to say where a stalled transfer stood.
+    pub fn so_far(&self) -> (u32, u64) {
+        let state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        (state.marks, state.bytes)
     }
 
     /// When the transfer stalls unless it moves a quantum first.
@@ -130,6 +142,17 @@ mod tests {
         let head = start + Duration::from_secs(3);
         progress.mark(head);
         assert_eq!(progress.deadline(LIMIT), head + LIMIT);
+    }
+
+    #[test]
+    fn so_far_counts_marks_and_every_byte() {
+        let start = Instant::now();
+        let progress = Progress::new(start);
+        assert_eq!(progress.so_far(), (0, 0));
+        progress.mark(start);
+        progress.advance(10, start);
+        progress.advance(PROGRESS_QUANTUM_BYTES, start);
+        assert_eq!(progress.so_far(), (1, PROGRESS_QUANTUM_BYTES + 10), "bytes short of a quantum count too");
     }
 
     #[tokio::test]

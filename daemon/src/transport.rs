@@ -813,8 +813,10 @@ impl DataPlane {
         relay: Option<&Arc<Relay>>,
     ) -> Result<Answer, PeerError> {
         let progress = Progress::new(Instant::now());
+        let connected = std::sync::atomic::AtomicBool::new(false);
         let attempt = async {
             let (connection, fresh) = self.connection(peer).await?;
+            connected.store(true, std::sync::atomic::Ordering::Relaxed);
             match exchange(&connection, request, relay, &progress).await {
                 Err(ExchangeError::Lost(detail)) if !fresh => {
                     tracing::debug!(peer = %peer.peer_id, %detail, "cached connection was dead; reconnecting");
@@ -824,7 +826,20 @@ impl DataPlane {
                 other => other.map_err(ExchangeError::into_peer_error),
             }
         };
-        until_stalled(limit, &progress, attempt).await.unwrap_or(Err(PeerError::Timeout))
+        let result = until_stalled(limit, &progress, attempt).await.unwrap_or(Err(PeerError::Timeout));
+        if matches!(result, Err(PeerError::Timeout)) {
+            let (heads, bytes) = progress.so_far();
+            tracing::debug!(
+                peer = %peer.peer_id,
+                request = request_kind(&request),
+                connected = connected.load(std::sync::atomic::Ordering::Relaxed),
+                answered = heads > 0,
+                bytes,
+                limit_s = limit.as_secs(),
+                "request made no progress for its limit"
+            );
+        }
+        result
     }
 
     /// The cached admitted connection to `peer`, or a new one; `true` when new.
