@@ -246,6 +246,14 @@ impl Origin {
                         source: format!("asked for bytes from {received}, got {:?}", response.range).into(),
                     });
                 }
+                if let Some((_, _, known)) = &body
+                    && *known != size
+                {
+                    return Err(object_store::Error::Generic {
+                        store: "origin",
+                        source: format!("the object was {known} bytes, and {size} when resumed").into(),
+                    });
+                }
                 // `size <= limit`, and every limit here fits in memory.
                 let (bytes, start, _) = body.get_or_insert_with(|| {
                     feed = relay.and_then(|relay| relay.claim(size as usize));
@@ -280,6 +288,7 @@ impl Origin {
                 Err(Stalled) if resumes < ORIGIN_STALL_RESUMES_MAX => {
                     resumes += 1;
                     metrics::counter!("cachemesh_origin_stall_resumes_total").increment(1);
+                    let received = body.as_ref().map_or(0, |(bytes, start, _)| bytes.len() - start);
                     tracing::debug!(%key, received, "origin read stalled; asking afresh for the rest");
                 }
                 Err(Stalled) => {

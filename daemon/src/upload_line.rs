@@ -29,8 +29,8 @@ use tokio_util::sync::CancellationToken;
 
 /// Chunk answers a node transmits at once before any tuning, and always at least.
 ///
-/// Why 3: see the module doc; with equal links a node's upload carries about three
-/// receivers' shares of a busy DC at full speed (measured in docs/benchmarks.md, 2026-11-29).
+/// Why 3: see the module doc; measured against 1 and 2 on equal links (docs/benchmarks.md,
+/// 2026-11-29): one slot was slower everywhere, two slowed 4-node trials.
 pub const UPLOAD_SLOTS: usize = 3;
 
 /// Most slots the tuner may add to [`UPLOAD_SLOTS`].
