@@ -663,6 +663,7 @@ impl DataPlane {
             Arc::new(LocalHello { dc: config.dc, identity: config.identity, admission_key: config.admission_key });
         let tracker = TaskTracker::new();
         let upload_line = Arc::new(UploadLine::new(UPLOAD_SLOTS));
+        metrics::gauge!("cachemesh_upload_slots").set(upload_line.slots() as f64);
         if let Some(link) = config.link_rate_bytes_per_second.filter(|link| *link > 0) {
             tracker.spawn(tune_periodically(upload_line.clone(), link, shutdown.clone()));
         }
@@ -1780,8 +1781,8 @@ impl<S: ChunkService> Server<S> {
                     return write_head(send, &refusal(Status::BadRequest, &message)).await;
                 };
                 let body = self.fault(chunk.slice(range)).await;
-                if reader_slot.is_some() {
-                    *slot = reader_slot;
+                if let Some(reader_slot) = reader_slot {
+                    *slot = Some(reader_slot);
                 }
                 self.send_chunk(send, body, slot, progress).await
             }
@@ -2123,6 +2124,16 @@ mod tests {
         let shutdown = CancellationToken::new();
         let plane = DataPlane::start(config, service.clone(), shutdown.clone()).await.unwrap();
         Node { plane, service, shutdown }
+    }
+
+    /// A service holding one chunk of `seed` whose serving waits at a gate, and the chunk.
+    fn gated_service(seed: &str) -> (FakeService, ChunkId, Bytes) {
+        let chunk = test_bytes(seed, 10_000);
+        let id = ChunkId::of(&chunk);
+        let mut service = FakeService::default();
+        service.chunks.insert(id, chunk.clone());
+        service.gate = Some(Gate { started: Semaphore::new(0), release: Semaphore::new(0) });
+        (service, id, chunk)
     }
 
     async fn start(admission_key: [u8; 32], service: FakeService) -> Node {
@@ -2562,11 +2573,7 @@ mod tests {
     async fn requests_beyond_the_per_peer_limit_get_busy() {
         // Goal: with REQUESTS_PER_PEER_MAX requests held in service, the next one from
         // the same peer is answered Busy at once rather than queued; the held ones complete.
-        let chunk = test_bytes("held", 10_000);
-        let id = ChunkId::of(&chunk);
-        let mut service = FakeService::default();
-        service.chunks.insert(id, chunk.clone());
-        service.gate = Some(Gate { started: Semaphore::new(0), release: Semaphore::new(0) });
+        let (service, id, chunk) = gated_service("held");
         let server = start(CLUSTER, service).await;
         let client_identity = identity();
         let config = DataPlaneConfig::new(loopback(), DC.into(), client_identity.clone(), CLUSTER);
@@ -2601,11 +2608,7 @@ mod tests {
         // Goal: a reader's chunk requests take upload slots that are free now; beyond
         // UPLOAD_SLOTS_PER_PEER at once the next is answered Busy rather than queued, while
         // a home's request from the same peer waits its turn and is served.
-        let chunk = test_bytes("share", 10_000);
-        let id = ChunkId::of(&chunk);
-        let mut service = FakeService::default();
-        service.chunks.insert(id, chunk.clone());
-        service.gate = Some(Gate { started: Semaphore::new(0), release: Semaphore::new(0) });
+        let (service, id, chunk) = gated_service("share");
         let server = start(CLUSTER, service).await;
         let client = start(CLUSTER, FakeService::default()).await;
         let peer = server.target();
@@ -2629,6 +2632,55 @@ mod tests {
             assert_eq!(result.unwrap().map(VerifiedChunk::into_bytes), Ok(chunk.clone()));
         }
         assert_eq!(home.await.unwrap().map(VerifiedChunk::into_bytes), Ok(chunk.clone()), "the home is served");
+    }
+
+    #[tokio::test]
+    async fn a_node_with_its_link_rate_set_adds_upload_slots_while_readers_are_turned_away() {
+        // Goal: with --link-rate set and every upload slot held (the link idle), a reader
+        // turned away soon finds a slot the tuner added; without a link rate it never would.
+        use crate::upload_line::{UPLOAD_SLOTS, UPLOAD_SLOTS_PER_PEER};
+        let (service, id, chunk) = gated_service("tuned");
+        let mut config = DataPlaneConfig::new(loopback(), DC.into(), identity(), CLUSTER);
+        config.link_rate_bytes_per_second = Some(1 << 30);
+        let server = start_with(config, service).await;
+        let peer = server.target();
+        let mut readers = Vec::new();
+        let mut held = tokio::task::JoinSet::new();
+        for _ in 0..UPLOAD_SLOTS.div_ceil(UPLOAD_SLOTS_PER_PEER) {
+            readers.push(start(CLUSTER, FakeService::default()).await);
+        }
+        let holders =
+            readers.iter().flat_map(|reader| std::iter::repeat_n(reader.plane.clone(), UPLOAD_SLOTS_PER_PEER));
+        for plane in holders.take(UPLOAD_SLOTS) {
+            held.spawn(async move { plane.get_chunk(&peer, id).await });
+        }
+        let gate = server.service.gate.as_ref().unwrap();
+        gate.started.acquire_many(UPLOAD_SLOTS as u32).await.unwrap().forget();
+
+        let late = start(CLUSTER, FakeService::default()).await;
+        assert_eq!(late.plane.get_chunk(&peer, id).await, Err(PeerError::Busy), "every slot is held");
+        let asking = {
+            let plane = late.plane.clone();
+            tokio::spawn(async move {
+                loop {
+                    match plane.get_chunk(&peer, id).await {
+                        Err(PeerError::Busy) => tokio::time::sleep(Duration::from_millis(50)).await,
+                        other => return other,
+                    }
+                }
+            })
+        };
+        // A tuning step every 250 ms: 20 s is far beyond what one added slot takes.
+        timeout(Duration::from_secs(20), gate.started.acquire())
+            .await
+            .expect("no slot was added for the turned-away reader")
+            .unwrap()
+            .forget();
+        gate.release.add_permits(UPLOAD_SLOTS + 1);
+        assert_eq!(asking.await.unwrap().map(VerifiedChunk::into_bytes), Ok(chunk.clone()));
+        while let Some(result) = held.join_next().await {
+            assert_eq!(result.unwrap().map(VerifiedChunk::into_bytes), Ok(chunk.clone()));
+        }
     }
 
     #[tokio::test]
