@@ -814,15 +814,16 @@ impl DataPlane {
         relay: Option<&Arc<Relay>>,
     ) -> Result<Answer, PeerError> {
         let progress = Progress::new(Instant::now());
-        let connected = std::sync::atomic::AtomicBool::new(false);
+        let trace = ExchangeTrace::default();
         let attempt = async {
             let (connection, fresh) = self.connection(peer).await?;
-            connected.store(true, std::sync::atomic::Ordering::Relaxed);
-            match exchange(&connection, request, relay, &progress).await {
+            match exchange(&connection, request, relay, &progress, &trace).await {
                 Err(ExchangeError::Lost(detail)) if !fresh => {
                     tracing::debug!(peer = %peer.peer_id, %detail, "cached connection was dead; reconnecting");
                     let (connection, _) = self.connection(peer).await?;
-                    exchange(&connection, request, relay, &progress).await.map_err(ExchangeError::into_peer_error)
+                    exchange(&connection, request, relay, &progress, &trace)
+                        .await
+                        .map_err(ExchangeError::into_peer_error)
                 }
                 other => other.map_err(ExchangeError::into_peer_error),
             }
@@ -830,13 +831,23 @@ impl DataPlane {
         let result = until_stalled(limit, &progress, attempt).await.unwrap_or(Err(PeerError::Timeout));
         if matches!(result, Err(PeerError::Timeout)) {
             let (heads, bytes) = progress.so_far();
+            let stats = trace.connection.lock().unwrap_or_else(PoisonError::into_inner).as_ref().map(Connection::stats);
             tracing::debug!(
                 peer = %peer.peer_id,
                 request = request_kind(&request),
-                connected = connected.load(std::sync::atomic::Ordering::Relaxed),
+                stage = trace.stage(),
                 answered = heads > 0,
                 bytes,
                 limit_s = limit.as_secs(),
+                rtt_ms = stats.as_ref().map(|s| s.path.rtt.as_millis() as u64),
+                cwnd = stats.as_ref().map(|s| s.path.cwnd),
+                lost_packets = stats.as_ref().map(|s| s.path.lost_packets),
+                sent_packets = stats.as_ref().map(|s| s.path.sent_packets),
+                congestion_events = stats.as_ref().map(|s| s.path.congestion_events),
+                data_blocked_rx = stats.as_ref().map(|s| s.frame_rx.data_blocked),
+                stream_data_blocked_rx = stats.as_ref().map(|s| s.frame_rx.stream_data_blocked),
+                streams_blocked_tx = stats.as_ref().map(|s| s.frame_tx.streams_blocked_bidi),
+                data_blocked_tx = stats.as_ref().map(|s| s.frame_tx.data_blocked),
                 "request made no progress for its limit"
             );
         }
@@ -1307,6 +1318,33 @@ fn read_error(error: ReadError) -> PeerError {
     }
 }
 
+/// How far one request got, for the log line of a request that stalled: its stage, and
+/// the connection whose QUIC statistics (round trip, window, losses, flow-control blocks)
+/// tell a saturated link from a blocked stream.
+#[derive(Default)]
+struct ExchangeTrace {
+    /// 0 no connection yet, 1 opening a stream, 2 writing the request, 3 waiting for the
+    /// answer's head, 4 reading its body.
+    stage: std::sync::atomic::AtomicU8,
+    connection: Mutex<Option<Connection>>,
+}
+
+impl ExchangeTrace {
+    fn reached(&self, stage: u8) {
+        self.stage.store(stage, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn stage(&self) -> &'static str {
+        match self.stage.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => "connecting",
+            1 => "opening_stream",
+            2 => "writing_request",
+            3 => "awaiting_head",
+            _ => "reading_body",
+        }
+    }
+}
+
 /// Sends one request on a new stream and reads the answer (unverified); a chunk's bytes
 /// also feed `relay` if this answer is the first to claim it.
 async fn exchange(
@@ -1314,9 +1352,13 @@ async fn exchange(
     request: Request,
     relay: Option<&Arc<Relay>>,
     progress: &Progress,
+    trace: &ExchangeTrace,
 ) -> Result<Answer, ExchangeError> {
+    *trace.connection.lock().unwrap_or_else(PoisonError::into_inner) = Some(connection.clone());
+    trace.reached(1);
     let (mut send, mut recv) =
         connection.open_bi().await.map_err(|error| ExchangeError::Lost(format!("connection lost: {error}")))?;
+    trace.reached(2);
     match send.write_all(&request.encode()).await {
         // A server that refuses without reading (Busy) may stop our side first; its answer
         // is still there to read.
@@ -1326,6 +1368,7 @@ async fn exchange(
     }
     // Finishing fails only if the stream was already stopped, handled above.
     let _ = send.finish();
+    trace.reached(3);
 
     let (head, rest) = match read_frame(&mut recv, RESPONSE_HEAD_BYTES_MAX, ResponseHead::decode).await {
         Ok(read) => read,
@@ -1338,6 +1381,7 @@ async fn exchange(
         Err(FrameReadError::Ended) => return Err(PeerError::Protocol("stream ended before an answer".into()).into()),
     };
     progress.mark(Instant::now());
+    trace.reached(4);
     match head {
         ResponseHead::Chunk { length } => {
             let mut feed = relay.and_then(|relay| relay.claim(length as usize));
@@ -2316,7 +2360,9 @@ mod tests {
         // Slices, through the raw exchange (get_chunk only hands out verified whole chunks).
         let (connection, _) = client.plane.connection(&peer).await.unwrap();
         let progress = Progress::new(Instant::now());
-        let slice = |offset, length| exchange(&connection, Request::GetChunk { id, offset, length }, None, &progress);
+        let trace = ExchangeTrace::default();
+        let slice =
+            |offset, length| exchange(&connection, Request::GetChunk { id, offset, length }, None, &progress, &trace);
         let Ok(Answer::Chunk(middle, _)) = slice(1000, 5000).await else { panic!("no slice") };
         assert_eq!(middle, chunk.slice(1000..6000));
         let Ok(Answer::Chunk(tail, _)) = slice(CHUNK_BYTES_MAX - 10, 0).await else { panic!("no tail") };
@@ -2438,8 +2484,14 @@ mod tests {
         let intruder = start(OTHER_CLUSTER, FakeService::default()).await;
         let connection = intruder.plane.shared.endpoint.connect(member.plane.local_addr(), SERVER_NAME).unwrap();
         let connection = connection.await.unwrap();
-        let answer =
-            exchange(&connection, Request::HaveSet(ObjectId::of(b"o")), None, &Progress::new(Instant::now())).await;
+        let answer = exchange(
+            &connection,
+            Request::HaveSet(ObjectId::of(b"o")),
+            None,
+            &Progress::new(Instant::now()),
+            &ExchangeTrace::default(),
+        )
+        .await;
         assert!(answer.is_err());
         let ConnectionError::ApplicationClosed(close) = connection.closed().await else { panic!("not refused") };
         assert_eq!(close.error_code, CLOSE_ADMISSION_REFUSED);
