@@ -20,6 +20,7 @@ use plotters::element::DashedPathElement;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
+use crate::links::LinksReport;
 use crate::report::{BySource, NodeRow, Report};
 use crate::transfer::PROGRESS_SAMPLE_INTERVAL;
 
@@ -29,6 +30,8 @@ pub const COMPLETION_CDF_FILE: &str = "completion-cdf.svg";
 pub const BYTES_BY_SOURCE_FILE: &str = "bytes-by-source.svg";
 /// Aggregate throughput over time.
 pub const THROUGHPUT_FILE: &str = "throughput.svg";
+/// The origin's upload and each host's download over time, from the links' counters.
+pub const LINKS_FILE: &str = "links.svg";
 
 /// Every chart's size.
 const CHART_WIDTH_PIXELS: u32 = 960;
@@ -80,10 +83,11 @@ pub struct Chart {
 }
 
 /// Every chart's file and the alt text `report.md` gives it, in the order it shows them.
-const CHARTS: [(&str, &str); 3] = [
+const CHARTS: [(&str, &str); 4] = [
     (COMPLETION_CDF_FILE, "completion CDF"),
     (BYTES_BY_SOURCE_FILE, "bytes by source"),
     (THROUGHPUT_FILE, "throughput"),
+    (LINKS_FILE, "link use"),
 ];
 
 /// Why a chart could not be drawn.
@@ -107,6 +111,7 @@ pub fn render(report: &Report) -> Result<Vec<Chart>, ChartError> {
             svg: draw(BYTES_BY_SOURCE_FILE, |root| bytes_by_source(&report.rows, root))?,
         },
         Chart { file: THROUGHPUT_FILE, svg: draw(THROUGHPUT_FILE, |root| throughput(report, root))? },
+        Chart { file: LINKS_FILE, svg: draw(LINKS_FILE, |root| link_use(report.links.as_ref(), root))? },
     ])
 }
 
@@ -460,6 +465,84 @@ fn throughput(report: &Report, root: &DrawingArea<SVGBackend, Shift>) -> DrawRes
     legend(&mut chart, SeriesLabelPosition::UpperRight)
 }
 
+/// The origin's upload and each host's download per counter interval, with the hosts'
+/// link rate when all share one: how full the links were, moment by moment.
+fn link_use(links: Option<&LinksReport>, root: &DrawingArea<SVGBackend, Shift>) -> DrawResult {
+    let timeline = links.map(|links| links.timeline.as_slice()).unwrap_or_default();
+    let megabytes = |rate: f64| rate / 1e6;
+    let origin: Vec<(f64, f64)> =
+        timeline.iter().filter_map(|rates| Some((rates.seconds, megabytes(rates.origin_up?)))).collect();
+    let hosts = timeline.first().map_or(0, |rates| rates.nodes_down.len());
+    let per_host: Vec<Vec<(f64, f64)>> = (0..hosts)
+        .map(|index| {
+            timeline
+                .iter()
+                .filter_map(|rates| Some((rates.seconds, megabytes(rates.nodes_down.get(index).copied().flatten()?))))
+                .collect()
+        })
+        .collect();
+    let host_rates: Vec<u64> = links
+        .map(|links| links.nodes.iter().flatten().filter_map(|node| node.rate_bytes_per_second).collect())
+        .unwrap_or_default();
+    let host_rate = host_rates
+        .first()
+        .filter(|rate| host_rates.iter().all(|other| other == *rate))
+        .map(|rate| megabytes(*rate as f64));
+    let highest =
+        origin.iter().chain(per_host.iter().flatten()).map(|(_, rate)| *rate).chain(host_rate).fold(0.0, f64::max);
+    let x_max = axis_max(timeline.last().map_or(0.0, |rates| rates.seconds), AXIS_SECONDS_MIN);
+    let y_max = axis_max_with(highest, 1.0, LEGEND_HEADROOM_FRACTION);
+    let interval = links.map_or(0.0, |links| links.interval_seconds);
+    let title = if timeline.is_empty() {
+        "Link use: not measured".to_string()
+    } else {
+        format!("Link use from the links' byte counters, {} s steps", tick_label(interval, 3))
+    };
+    let mut chart = ChartBuilder::on(root)
+        .caption(title, (FONT, TITLE_FONT_SIZE))
+        .margin(20)
+        .x_label_area_size(56)
+        .y_label_area_size(80)
+        .build_cartesian_2d(0.0..x_max, 0.0..y_max)?;
+    let (x_decimals, y_decimals) = (tick_decimals(x_max), tick_decimals(y_max));
+    chart
+        .configure_mesh()
+        .x_desc("seconds from the common start (s)")
+        .y_desc("MB/s (10^6 bytes per second)")
+        .x_label_formatter(&|seconds| tick_label(*seconds, x_decimals))
+        .y_label_formatter(&|rate| tick_label(*rate, y_decimals))
+        .axis_desc_style((FONT, LABEL_FONT_SIZE))
+        .label_style((FONT, LABEL_FONT_SIZE - 2))
+        .light_line_style(GRID_LIGHT)
+        .bold_line_style(GRID_BOLD)
+        .draw()?;
+    if timeline.is_empty() {
+        return message(&chart, x_max / 2.0, y_max / 2.0, "links are counted on an emulated network only");
+    }
+    if let Some(rate) = host_rate {
+        let style = MINIMUM_COLOR.stroke_width(2);
+        chart
+            .draw_series(LineSeries::new([(0.0, rate), (x_max, rate)], style))?
+            .label(format!("host link rate ({} MB/s)", tick_label(rate, 2)))
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], style));
+    }
+    let faint = PEER_COLOR.mix(0.45).stroke_width(1);
+    for (index, points) in per_host.into_iter().enumerate() {
+        let series = chart.draw_series(LineSeries::new(points, faint))?;
+        if index == 0 {
+            series.label("each host download").legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], faint));
+        }
+    }
+    if !origin.is_empty() {
+        let style = ORIGIN_COLOR.stroke_width(2);
+        chart
+            .draw_series(LineSeries::new(origin, style))?
+            .label("origin upload")
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], style));
+    }
+    legend(&mut chart, SeriesLabelPosition::UpperRight)
+}
+
 /// Writes `text` centred at (`x`, `y`) of the chart's plot, where nothing else could be drawn.
 fn message<X, Y>(
     chart: &ChartContext<SVGBackend, Cartesian2d<X, Y>>,
@@ -580,7 +663,7 @@ mod tests {
         // Goal: the three charts are drawn for a small fleet, each with its title, axis
         // titles with units, tick labels and legend.
         let charts = render(&four_nodes()).unwrap();
-        assert_eq!(charts.len(), 3);
+        assert_eq!(charts.len(), 4);
         for chart in &charts {
             assert_svg(&chart.svg);
         }
@@ -597,6 +680,39 @@ mod tests {
         let rates = chart(&charts, THROUGHPUT_FILE);
         assert!(rates.contains("MB/s (10^6 bytes per second)") && rates.contains("all readers"), "{rates}");
         assert!(rates.contains("each reader") && rates.contains("by 3 readers"), "{rates}");
+        let links = chart(&charts, LINKS_FILE);
+        assert!(links.contains("Link use: not measured"), "{links}");
+        assert!(links.contains("links are counted on an emulated network only"), "{links}");
+    }
+
+    #[test]
+    fn the_link_chart_draws_the_origin_each_host_and_their_rate() {
+        // Goal: with counters read, one line for the origin's upload, one per host's
+        // download, and the hosts' common rate as a flat line, all in the legend.
+        let mut report = four_nodes();
+        let readings: Vec<crate::links::Reading> = (0..4)
+            .map(|step| crate::links::Reading {
+                seconds: step as f64,
+                origin: Some(crate::links::Counters { down: 0, up: step * 2_000_000 }),
+                nodes: vec![Some(crate::links::Counters { down: step * 1_000_000, up: 0 }); 2],
+            })
+            .collect();
+        report.links =
+            crate::links::summarise(&readings, &[Some(2.0), Some(3.0)], &[Some(1_250_000), Some(1_250_000)], None);
+        let charts = render(&report).unwrap();
+        let links = chart(&charts, LINKS_FILE);
+        assert_svg(links);
+        for label in ["origin upload", "each host download", "host link rate (1.25 MB/s)"] {
+            assert!(texts(links).contains(&label), "legend lacks {label}: {links}");
+        }
+        assert!(links.contains("1 s steps"), "{links}");
+        // Each line once in the plot and once in the legend; the hosts' lines share one
+        // legend entry.
+        let lines =
+            |color: &str| links.matches(&format!("<polyline fill=\"none\" opacity=\"1\" stroke=\"{color}\"")).count();
+        assert_eq!(lines("#D55E00"), 2, "origin: {links}");
+        assert_eq!(lines("#CC79A7"), 2, "rate: {links}");
+        assert_eq!(links.matches("stroke=\"#0072B2\"").count(), 3, "two hosts and their legend entry: {links}");
     }
 
     #[test]

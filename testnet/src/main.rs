@@ -29,6 +29,7 @@ mod charts;
 mod cpu;
 mod data;
 mod delay;
+mod links;
 mod metrics;
 mod network;
 mod node;

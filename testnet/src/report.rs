@@ -17,6 +17,7 @@ use serde::Serialize;
 
 use crate::charts;
 use crate::cpu::MachineCpu;
+use crate::links::LinksReport;
 use crate::network::NetworkReport;
 use crate::proxy::ProxyFigures;
 use crate::shaping::{KumarRoss, Rate};
@@ -184,6 +185,9 @@ pub struct Report {
     /// How busy the machine's CPUs were during cold-start's reads (None: other scenarios,
     /// or no /proc/stat).
     pub machine_cpu: Option<MachineCpu>,
+    /// What each emulated link carried during cold-start's reads (None: other scenarios,
+    /// or loopback).
+    pub links: Option<LinksReport>,
     /// Per node.
     pub rows: Vec<NodeRow>,
     /// Origin egress.
@@ -320,6 +324,9 @@ impl Report {
                 cpu.cores
             );
         }
+        if let Some(line) = self.links.as_ref().and_then(LinksReport::summary_line) {
+            let _ = writeln!(out, "{bullet}{line}");
+        }
         let fleet: Vec<f64> = self.rows.iter().filter_map(|row| row.seconds).collect();
         if let Some(slowest) = fleet.iter().copied().reduce(f64::max) {
             let _ = writeln!(
@@ -442,7 +449,7 @@ impl Report {
                 format!("## Against the Kumar-Ross minimum\n\n{}\n", self.kumar_ross_text(true))
             } else {
                 String::new()
-            },
+            } + &self.links.as_ref().map(LinksReport::markdown).unwrap_or_default(),
             self.checks_text(true),
             if self.passed { "All checks passed." } else { "Some checks failed." }
         ) + "\n"
@@ -506,6 +513,7 @@ pub(crate) fn test_report(rows: Vec<NodeRow>) -> Report {
         network: NetworkReport::default(),
         kumar_ross: None,
         machine_cpu: None,
+        links: None,
         rows,
         origin: OriginReport::default(),
         checks: Vec::new(),

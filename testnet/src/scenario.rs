@@ -30,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cpu::{BUSY_NOTE_AT, CpuTimes};
 use crate::data::{Digest, Pattern};
+use crate::links::{self, LinkSampler};
 use crate::metrics::{Metrics, counter_deltas};
 use crate::network::{NetMode, NetworkReport, Place};
 use crate::node::{Binaries, Node, NodeError};
@@ -440,6 +441,7 @@ pub async fn run(params: &Params, processes: &Processes, root: &Path, shutdown: 
         network: params.network.clone(),
         kumar_ross: None,
         machine_cpu: None,
+        links: None,
         rows: Vec::new(),
         origin: OriginReport::default(),
         checks: Vec::new(),
@@ -781,8 +783,13 @@ async fn cold_start(params: &Params, trial: &mut Trial, report: &mut Report) -> 
         );
     }
     let cpu_before = CpuTimes::now();
+    let links = params.network.name_prefix.as_deref().map(|prefix| LinkSampler::start(prefix, params.nodes));
     let transfers = read_all(params, trial, all.clone()).await;
     report.machine_cpu = cpu_before.zip(CpuTimes::now()).and_then(|(before, after)| before.until(after));
+    let readings = match links {
+        Some(links) => links.finish().await,
+        None => Vec::new(),
+    };
     if let Some(cpu) = report.machine_cpu
         && cpu.busy_fraction >= BUSY_NOTE_AT
     {
@@ -793,6 +800,16 @@ async fn cold_start(params: &Params, trial: &mut Trial, report: &mut Report) -> 
         ));
     }
     finish_rows(params, trial, &transfers, &[], report).await;
+    let mut read_seconds = vec![None; params.nodes];
+    let mut node_rates = vec![None; params.nodes];
+    for row in &report.rows {
+        if let (Some(seconds), Some(rate)) = (read_seconds.get_mut(row.node), node_rates.get_mut(row.node)) {
+            *seconds = row.seconds;
+            *rate = row.link_rate.map(Rate::bytes_per_second);
+        }
+    }
+    report.links =
+        links::summarise(&readings, &read_seconds, &node_rates, params.network.origin_rate.map(Rate::bytes_per_second));
     report.checks.push(identical_bytes_check("identical_bytes", report, &all));
     report.checks.push(egress_check("origin_egress_one_copy", report.origin.chunk_get_bytes, params.object_size, 1.0));
     if !params.origin_only {
