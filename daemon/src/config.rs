@@ -107,7 +107,7 @@ pub struct Settings {
     /// This host's network rate each way, e.g. 12500000 or 100MiB (bytes per second). Announced to the
     /// DC, which makes homes of fewer chunks of hosts with slower links; unset, the host counts as
     /// fast as the fastest that set one. Set, the host also sends peers more chunks at once while its
-    /// uploads leave the link idle.
+    /// uploads leave the link idle, and asks no second holder for a slow chunk while its downlink is full.
     #[arg(long, global = true, env = "CACHEMESH_LINK_RATE", value_name = "RATE")]
     pub link_rate: Option<ByteRate>,
     /// Records between volume snapshots in the origin (a writer that appends a multiple of it writes one).

@@ -9,6 +9,7 @@ pub mod chunk;
 pub mod client;
 pub mod config;
 pub mod discovery;
+pub mod downlink;
 pub mod fetch;
 pub mod hedge;
 pub mod identity;

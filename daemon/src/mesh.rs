@@ -898,6 +898,8 @@ impl Mesh {
         let mut waiting: std::collections::VecDeque<Attempt> = attempts.into();
         let mut refreshes_left = if refresh.is_some() { HOLDER_REFRESHES_MAX } else { 0 };
         let mut racing = FuturesUnordered::new();
+        // Counted once per chunk, however often the hedge delay passes.
+        let mut hedge_skipped = false;
         loop {
             if racing.is_empty() {
                 let next = waiting.pop_front()?;
@@ -931,6 +933,17 @@ impl Mesh {
                             asked.insert(holder.peer_id);
                             waiting.push_back(Attempt::Holder(holder));
                         }
+                    }
+                    // A first holder that is slow while this node's downlink is full is
+                    // slow because the link is shared: a second copy would come through
+                    // the same link (`crate::downlink`). Asked again after the next delay.
+                    if !racing.is_empty() && self.data_plane.downlink_full() {
+                        if !hedge_skipped {
+                            hedge_skipped = true;
+                            metrics::counter!("cachemesh_hedges_skipped_total", "reason" => "downlink_full")
+                                .increment(1);
+                        }
+                        continue;
                     }
                     if let Some(next) = waiting.pop_front() {
                         metrics::counter!("cachemesh_hedged_requests_total").increment(1);

@@ -63,6 +63,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::chunk::VerifiedChunk;
+use crate::downlink::DownlinkMeter;
 use crate::identity::{NodeIdentity, verify_signature};
 use crate::relay::{Relay, RelayFeed, RelayReader};
 use crate::stall::{Progress, until_stalled};
@@ -619,6 +620,8 @@ struct Shared {
     peers: Mutex<HashMap<PeerId, PeerSlot>>,
     /// Connection attempts made, for tests of the connect path.
     connects_started: AtomicU64,
+    /// Chunk bytes received from peers, against the link's rate.
+    downlink: Arc<DownlinkMeter>,
     /// The upload budget the server draws on, when limited (for tests of the serve path).
     #[cfg(test)]
     upload: Option<Arc<Mutex<UploadBudget>>>,
@@ -695,6 +698,7 @@ impl DataPlane {
                 local,
                 peers: Mutex::new(HashMap::new()),
                 connects_started: AtomicU64::new(0),
+                downlink: Arc::new(DownlinkMeter::new(config.link_rate_bytes_per_second, Instant::now())),
                 #[cfg(test)]
                 upload,
                 tracker,
@@ -728,6 +732,12 @@ impl DataPlane {
             let gone = PeerError::Connect("the peer's control-plane connection broke".into());
             state.failed = Some((Instant::now(), gone, connection.remote_address()));
         }
+    }
+
+    /// Whether this node's downlink carried more than `downlink::DOWNLINK_FULL_ABOVE` of
+    /// its `--link-rate` in chunk bytes from peers lately (never, with no link rate set).
+    pub fn downlink_full(&self) -> bool {
+        self.shared.downlink.full(Instant::now())
     }
 
     /// The UDP address the data plane listens on.
@@ -814,7 +824,7 @@ impl DataPlane {
         relay: Option<&Arc<Relay>>,
     ) -> Result<Answer, PeerError> {
         let progress = Progress::new(Instant::now());
-        let trace = ExchangeTrace::default();
+        let trace = ExchangeTrace { downlink: Some(self.shared.downlink.clone()), ..ExchangeTrace::default() };
         let attempt = async {
             let (connection, fresh) = self.connection(peer).await?;
             match exchange(&connection, request, relay, &progress, &trace).await {
@@ -1327,6 +1337,8 @@ struct ExchangeTrace {
     /// answer's head, 4 reading its body.
     stage: std::sync::atomic::AtomicU8,
     connection: Mutex<Option<Connection>>,
+    /// Counts the answer's body bytes as they arrive (None: not counted).
+    downlink: Option<Arc<DownlinkMeter>>,
 }
 
 impl ExchangeTrace {
@@ -1385,7 +1397,7 @@ async fn exchange(
     match head {
         ResponseHead::Chunk { length } => {
             let mut feed = relay.and_then(|relay| relay.claim(length as usize));
-            let body = read_body(&mut recv, length, rest, feed.as_mut(), progress).await?;
+            let body = read_body(&mut recv, length, rest, feed.as_mut(), progress, trace.downlink.as_deref()).await?;
             Ok(Answer::Chunk(body, feed))
         }
         ResponseHead::HaveSet { chunk_count, bitmap } => {
@@ -1414,6 +1426,7 @@ async fn read_body(
     first: Bytes,
     mut feed: Option<&mut RelayFeed>,
     progress: &Progress,
+    downlink: Option<&DownlinkMeter>,
 ) -> Result<Bytes, PeerError> {
     let length = length as usize;
     if first.len() > length {
@@ -1427,7 +1440,11 @@ async fn read_body(
     while body.len() - start < length {
         match recv.read_chunk(length - (body.len() - start), true).await.map_err(read_error)? {
             Some(chunk) => {
-                progress.advance(chunk.bytes.len() as u64, Instant::now());
+                let now = Instant::now();
+                progress.advance(chunk.bytes.len() as u64, now);
+                if let Some(downlink) = downlink {
+                    downlink.record(chunk.bytes.len() as u64, now);
+                }
                 body.extend_from_slice(&chunk.bytes);
                 if let Some(feed) = feed.as_deref_mut() {
                     feed.push(&body[start..]);
@@ -2298,6 +2315,28 @@ mod tests {
             assert_eq!(client.plane.get_chunk(&peer, id).await.map(VerifiedChunk::into_bytes), Ok(chunk.clone()));
         }
         assert_eq!(connection.stats().path.current_mtu, MTU_DISCOVERY_UPPER_BOUND_BYTES);
+    }
+
+    #[tokio::test]
+    async fn chunk_bytes_received_fill_the_downlink_only_of_a_node_that_knows_its_link_rate() {
+        // Goal: every body byte a request reads is counted against the node's link rate, so
+        // a node whose fetches fill its link holds its hedges back; a node with no link rate
+        // never counts as full.
+        let chunk = test_bytes("chunk", CHUNK_BYTES_MAX as usize);
+        let id = ChunkId::of(&chunk);
+        let mut service = FakeService::default();
+        service.chunks.insert(id, chunk.clone());
+        let server = start(CLUSTER, service).await;
+        let peer = server.target();
+        // 4 MiB in well under 4 s is above 80% of 1 MB/s, and nowhere near it for 1 GB/s.
+        for (link, full) in [(Some(1_000_000), true), (Some(1_000_000_000), false), (None, false)] {
+            let mut config = DataPlaneConfig::new(loopback(), DC.into(), identity(), CLUSTER);
+            config.link_rate_bytes_per_second = link;
+            let client = start_with(config, FakeService::default()).await;
+            assert!(!client.plane.downlink_full(), "nothing received yet");
+            assert_eq!(client.plane.get_chunk(&peer, id).await.map(VerifiedChunk::into_bytes), Ok(chunk.clone()));
+            assert_eq!(client.plane.downlink_full(), full, "link rate {link:?}");
+        }
     }
 
     #[tokio::test]
