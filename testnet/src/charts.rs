@@ -16,6 +16,7 @@
 //! MiB (as the table's columns); times are seconds from the common start.
 
 use plotters::coord::Shift;
+use plotters::coord::types::RangedCoordf64;
 use plotters::element::DashedPathElement;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
@@ -433,31 +434,8 @@ fn throughput(report: &Report, root: &DrawingArea<SVGBackend, Shift>) -> DrawRes
         title.push_str(&format!(" (no per-reader lines above {THROUGHPUT_NODE_LINES_MAX})"));
     }
     let y_max = axis_max_with(highest, 1.0, LEGEND_HEADROOM_FRACTION);
-    let mut chart = ChartBuilder::on(root)
-        .caption(title, (FONT, TITLE_FONT_SIZE))
-        .margin(20)
-        .x_label_area_size(56)
-        .y_label_area_size(80)
-        .build_cartesian_2d(0.0..x_max, 0.0..y_max)?;
-    let (x_decimals, y_decimals) = (tick_decimals(x_max), tick_decimals(y_max));
-    chart
-        .configure_mesh()
-        .x_desc("seconds from the common start (s)")
-        .y_desc("MB/s (10^6 bytes per second)")
-        .x_label_formatter(&|seconds| tick_label(*seconds, x_decimals))
-        .y_label_formatter(&|rate| tick_label(*rate, y_decimals))
-        .axis_desc_style((FONT, LABEL_FONT_SIZE))
-        .label_style((FONT, LABEL_FONT_SIZE - 2))
-        .light_line_style(GRID_LIGHT)
-        .bold_line_style(GRID_BOLD)
-        .draw()?;
-    let faint = PEER_COLOR.mix(0.45).stroke_width(1);
-    for (index, points) in per_node.into_iter().enumerate() {
-        let series = chart.draw_series(LineSeries::new(points, faint))?;
-        if index == 0 {
-            series.label("each reader").legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], faint));
-        }
-    }
+    let mut chart = rate_chart(root, title, x_max, y_max)?;
+    faint_lines(&mut chart, per_node, "each reader")?;
     chart
         .draw_series(LineSeries::new(total, BLACK.stroke_width(2)))?
         .label("all readers")
@@ -498,6 +476,37 @@ fn link_use(links: Option<&LinksReport>, root: &DrawingArea<SVGBackend, Shift>) 
     } else {
         format!("Link use from the links' byte counters, {} s steps", tick_label(interval, 3))
     };
+    let mut chart = rate_chart(root, title, x_max, y_max)?;
+    if timeline.is_empty() {
+        return message(&chart, x_max / 2.0, y_max / 2.0, "links are counted on an emulated network only");
+    }
+    if let Some(rate) = host_rate {
+        let style = MINIMUM_COLOR.stroke_width(2);
+        chart
+            .draw_series(LineSeries::new([(0.0, rate), (x_max, rate)], style))?
+            .label(format!("host link rate ({} MB/s)", tick_label(rate, 2)))
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], style));
+    }
+    faint_lines(&mut chart, per_host, "each host download")?;
+    if !origin.is_empty() {
+        let style = ORIGIN_COLOR.stroke_width(2);
+        chart
+            .draw_series(LineSeries::new(origin, style))?
+            .label("origin upload")
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], style));
+    }
+    legend(&mut chart, SeriesLabelPosition::UpperRight)
+}
+
+type RateChart<'a> = ChartContext<'a, SVGBackend<'a>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
+/// A chart of MB/s against seconds from the common start, titled and with its axes drawn.
+fn rate_chart<'a>(
+    root: &DrawingArea<SVGBackend<'a>, Shift>,
+    title: String,
+    x_max: f64,
+    y_max: f64,
+) -> Result<RateChart<'a>, DrawingAreaErrorKind<std::io::Error>> {
     let mut chart = ChartBuilder::on(root)
         .caption(title, (FONT, TITLE_FONT_SIZE))
         .margin(20)
@@ -516,31 +525,19 @@ fn link_use(links: Option<&LinksReport>, root: &DrawingArea<SVGBackend, Shift>) 
         .light_line_style(GRID_LIGHT)
         .bold_line_style(GRID_BOLD)
         .draw()?;
-    if timeline.is_empty() {
-        return message(&chart, x_max / 2.0, y_max / 2.0, "links are counted on an emulated network only");
-    }
-    if let Some(rate) = host_rate {
-        let style = MINIMUM_COLOR.stroke_width(2);
-        chart
-            .draw_series(LineSeries::new([(0.0, rate), (x_max, rate)], style))?
-            .label(format!("host link rate ({} MB/s)", tick_label(rate, 2)))
-            .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], style));
-    }
+    Ok(chart)
+}
+
+/// One faint line per node, with one legend entry for them all.
+fn faint_lines(chart: &mut RateChart<'_>, lines: Vec<Vec<(f64, f64)>>, label: &str) -> DrawResult {
     let faint = PEER_COLOR.mix(0.45).stroke_width(1);
-    for (index, points) in per_host.into_iter().enumerate() {
+    for (index, points) in lines.into_iter().enumerate() {
         let series = chart.draw_series(LineSeries::new(points, faint))?;
         if index == 0 {
-            series.label("each host download").legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], faint));
+            series.label(label).legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], faint));
         }
     }
-    if !origin.is_empty() {
-        let style = ORIGIN_COLOR.stroke_width(2);
-        chart
-            .draw_series(LineSeries::new(origin, style))?
-            .label("origin upload")
-            .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], style));
-    }
-    legend(&mut chart, SeriesLabelPosition::UpperRight)
+    Ok(())
 }
 
 /// Writes `text` centred at (`x`, `y`) of the chart's plot, where nothing else could be drawn.
