@@ -1328,9 +1328,10 @@ fn read_error(error: ReadError) -> PeerError {
     }
 }
 
-/// How far one request got, for the log line of a request that stalled: its stage, and
-/// the connection whose QUIC statistics (round trip, window, losses, flow-control blocks)
-/// tell a saturated link from a blocked stream.
+/// What one request's exchanges share besides the request: how far it got, for the log
+/// line of a request that stalled (its stage, and the connection whose QUIC statistics,
+/// round trip, window, losses and flow-control blocks, tell a saturated link from a blocked
+/// stream), and the meter its body bytes are counted on.
 #[derive(Default)]
 struct ExchangeTrace {
     /// 0 no connection yet, 1 opening a stream, 2 writing the request, 3 waiting for the
