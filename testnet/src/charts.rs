@@ -695,7 +695,7 @@ mod tests {
             })
             .collect();
         report.links =
-            crate::links::summarise(&readings, &[Some(2.0), Some(3.0)], &[Some(1_250_000), Some(1_250_000)], None);
+            crate::links::summarise(&readings, &[Some(2.0), Some(3.0)], &[], &[Some(1_250_000), Some(1_250_000)], None);
         let charts = render(&report).unwrap();
         let links = chart(&charts, LINKS_FILE);
         assert_svg(links);

@@ -108,6 +108,9 @@ pub struct LinksReport {
 /// One link's bytes over a stretch of the reads.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct LinkUse {
+    /// Whether the stretch is the node's own read (false: the whole reads, for a node that
+    /// held the object from the start and only served it, or the origin).
+    pub reader: bool,
     /// Seconds between the readings the bytes are counted between.
     pub seconds: f64,
     /// Bytes its end received.
@@ -134,11 +137,13 @@ pub struct LinkRates {
 }
 
 /// Sums `readings` up: each node over its own read (`read_seconds[i]`, from the first
-/// reading to the first one taken at or after its end), the origin until the slowest read
-/// ended, each at its rate (`node_rates`, `origin_rate`, bytes per second).
+/// reading to the first one taken at or after its end), except the `seeds`, which held
+/// the object from the start, and the origin, both until the slowest read ended; each at
+/// its rate (`node_rates`, `origin_rate`, bytes per second).
 pub fn summarise(
     readings: &[Reading],
     read_seconds: &[Option<f64>],
+    seeds: &[usize],
     node_rates: &[Option<u64>],
     origin_rate: Option<u64>,
 ) -> Option<LinksReport> {
@@ -146,18 +151,15 @@ pub fn summarise(
     let until = |seconds: f64| readings.iter().find(|reading| reading.seconds >= seconds).or(readings.last());
     let slowest = read_seconds.iter().flatten().copied().reduce(f64::max)?;
     let origin = until(slowest)
-        .and_then(|last| use_between(first.origin, last.origin, last.seconds - first.seconds, origin_rate));
+        .and_then(|last| use_between(first.origin, last.origin, last.seconds - first.seconds, origin_rate, false));
     let nodes = (0..first.nodes.len())
         .map(|index| {
-            let seconds = read_seconds.get(index).copied().flatten()?;
+            let reader = !seeds.contains(&index);
+            let seconds = if reader { read_seconds.get(index).copied().flatten()? } else { slowest };
             let last = until(seconds)?;
             let rate = node_rates.get(index).copied().flatten();
-            use_between(
-                first.nodes[index],
-                last.nodes.get(index).copied().flatten(),
-                last.seconds - first.seconds,
-                rate,
-            )
+            let (from, to) = (first.nodes[index], last.nodes.get(index).copied().flatten());
+            use_between(from, to, last.seconds - first.seconds, rate, reader)
         })
         .collect();
     let timeline = readings
@@ -184,18 +186,28 @@ impl LinksReport {
     /// One line for the summary: hosts' downlinks and the origin's uplink as shares of
     /// their rates (None: no link has a rate).
     pub fn summary_line(&self) -> Option<String> {
-        let mut shares: Vec<f64> = self.nodes.iter().flatten().filter_map(|node| node.down_fraction).collect();
+        let mut shares: Vec<f64> =
+            self.nodes.iter().flatten().filter(|node| node.reader).filter_map(|node| node.down_fraction).collect();
         shares.sort_by(f64::total_cmp);
+        let seeds: Vec<(usize, f64)> = (self.nodes.iter().enumerate())
+            .filter_map(|(index, node)| node.filter(|node| !node.reader)?.up_fraction.map(|share| (index, share)))
+            .collect();
         let origin = self.origin.and_then(|origin| origin.up_fraction);
-        if shares.is_empty() && origin.is_none() {
+        if shares.is_empty() && seeds.is_empty() && origin.is_none() {
             return None;
         }
         let mut parts = Vec::new();
         if let (Some(least), Some(median)) = (shares.first(), shares.get(shares.len() / 2)) {
             parts.push(format!(
-                "hosts' downlinks {:.0}% of their rate over their reads (median; least {:.0}%)",
+                "readers' downlinks {:.0}% of their rate over their reads (median; least {:.0}%)",
                 median * 100.0,
                 least * 100.0
+            ));
+        }
+        for (index, share) in seeds {
+            parts.push(format!(
+                "node {index}'s uplink (it held the object) {:.0}% until the slowest read ended",
+                share * 100.0
             ));
         }
         if let Some(origin) = origin {
@@ -221,7 +233,8 @@ impl LinksReport {
         };
         let mut out = format!(
             "## Links\n\nBytes each emulated link carried during the reads, from the kernel's counters read every \
-             {:.0} s: a host's link over its own read, the origin's until the slowest read ended. They count every \
+             {:.0} s: a reader's link over its own read; the origin's, and that of a node that held the object from \
+             the start, until the slowest read ended. They count every \
              byte on the wire (protocol overhead, retransmissions, chunks fetched twice), so a share of the rate is \
              an upper bound on goodput.\n\n\
              | link | seconds | received MiB | received / rate | sent MiB | sent / rate |\n|---|---|---|---|---|---|\n",
@@ -229,19 +242,27 @@ impl LinksReport {
         );
         out += &row("origin".into(), self.origin);
         for (index, node) in self.nodes.iter().enumerate() {
-            out += &row(format!("node {index}"), *node);
+            let seed = if node.is_some_and(|node| !node.reader) { " (held the object)" } else { "" };
+            out += &row(format!("node {index}{seed}"), *node);
         }
         out + "\n"
     }
 }
 
-fn use_between(from: Option<Counters>, to: Option<Counters>, seconds: f64, rate: Option<u64>) -> Option<LinkUse> {
+fn use_between(
+    from: Option<Counters>,
+    to: Option<Counters>,
+    seconds: f64,
+    rate: Option<u64>,
+    reader: bool,
+) -> Option<LinkUse> {
     let (from, to) = (from?, to?);
     let down_bytes = to.down.saturating_sub(from.down);
     let up_bytes = to.up.saturating_sub(from.up);
     let fraction =
         |bytes: u64| rate.filter(|rate| *rate > 0 && seconds > 0.0).map(|rate| bytes as f64 / (rate as f64 * seconds));
     Some(LinkUse {
+        reader,
         seconds,
         down_bytes,
         up_bytes,
@@ -271,7 +292,7 @@ mod tests {
             reading(2.0, 201_000, &[150_500, 150_000]),
             reading(3.0, 201_000, &[150_500, 250_000]),
         ];
-        let report = summarise(&readings, &[Some(1.5), Some(2.5)], &[Some(100_000), None], Some(200_000)).unwrap();
+        let report = summarise(&readings, &[Some(1.5), Some(2.5)], &[], &[Some(100_000), None], Some(200_000)).unwrap();
         // Node 0 ended at 1.5 s: counted until the reading at 2 s.
         let node = report.nodes[0].unwrap();
         assert_eq!((node.seconds, node.down_bytes, node.up_bytes), (2.0, 150_000, 75_000));
@@ -298,10 +319,26 @@ mod tests {
     fn a_node_without_a_finished_read_or_readable_port_has_no_figures() {
         let mut readings = vec![reading(0.0, 0, &[0, 0]), reading(1.0, 10, &[10, 10])];
         readings[1].nodes[1] = None;
-        let report = summarise(&readings, &[None, Some(1.0)], &[None, None], None).unwrap();
+        let report = summarise(&readings, &[None, Some(1.0)], &[], &[None, None], None).unwrap();
         assert_eq!(report.nodes, [None, None]);
-        assert!(summarise(&readings, &[None, None], &[None, None], None).is_none(), "no read finished");
-        assert!(summarise(&[], &[Some(1.0)], &[None], None).is_none(), "no readings");
+        assert!(summarise(&readings, &[None, None], &[], &[None, None], None).is_none(), "no read finished");
+        assert!(summarise(&[], &[Some(1.0)], &[], &[None], None).is_none(), "no readings");
+    }
+
+    #[test]
+    fn a_node_that_held_the_object_is_counted_over_the_whole_reads_apart_from_the_readers() {
+        let readings = [reading(0.0, 0, &[0, 0]), reading(1.0, 0, &[10, 800_000]), reading(4.0, 0, &[10, 3_200_000])];
+        // Node 0 held the object: its read took 0.1 s, its link counts until the slowest
+        // read ended (4 s).
+        let report = summarise(&readings, &[Some(0.1), Some(4.0)], &[0], &[Some(1_000_000); 2], None).unwrap();
+        let seed = report.nodes[0].unwrap();
+        assert!(!seed.reader);
+        assert_eq!((seed.seconds, seed.down_bytes, seed.up_bytes), (4.0, 10, 5));
+        let line = report.summary_line().unwrap();
+        assert!(line.contains("readers' downlinks 80% of their rate over their reads (median; least 80%)"), "{line}");
+        assert!(line.contains("node 0's uplink (it held the object) 0%"), "{line}");
+        let markdown = report.markdown();
+        assert!(markdown.contains("| node 0 (held the object) | 4 |"), "{markdown}");
     }
 
     #[test]

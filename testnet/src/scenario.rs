@@ -808,8 +808,15 @@ async fn cold_start(params: &Params, trial: &mut Trial, report: &mut Report) -> 
             *rate = row.link_rate.map(Rate::bytes_per_second);
         }
     }
-    report.links =
-        links::summarise(&readings, &read_seconds, &node_rates, params.network.origin_rate.map(Rate::bytes_per_second));
+    // In a seeded cold start the put node held the object from the start and only served it.
+    let seeds: &[usize] = if params.origin_only { &[] } else { &[PUT_NODE] };
+    report.links = links::summarise(
+        &readings,
+        &read_seconds,
+        seeds,
+        &node_rates,
+        params.network.origin_rate.map(Rate::bytes_per_second),
+    );
     report.checks.push(identical_bytes_check("identical_bytes", report, &all));
     report.checks.push(egress_check("origin_egress_one_copy", report.origin.chunk_get_bytes, params.object_size, 1.0));
     if !params.origin_only {
