@@ -937,7 +937,7 @@ impl Mesh {
                     // A first holder that is slow while this node's downlink is full is
                     // slow because the link is shared: a second copy would come through
                     // the same link (`crate::downlink`). Asked again after the next delay.
-                    if !racing.is_empty() && self.data_plane.downlink_full() {
+                    if self.data_plane.downlink_full() {
                         if !hedge_skipped {
                             hedge_skipped = true;
                             metrics::counter!("cachemesh_hedges_skipped_total", "reason" => "downlink_full")

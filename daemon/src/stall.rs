@@ -36,8 +36,6 @@ struct State {
     moved_at: Instant,
     /// Bytes since the last quantum.
     pending: u64,
-    /// Steps marked so far.
-    marks: u32,
     /// Bytes moved so far.
     bytes: u64,
 }
@@ -45,7 +43,7 @@ struct State {
 impl Progress {
     /// A transfer starting at `now`.
     pub fn new(now: Instant) -> Self {
-        Self { state: Mutex::new(State { moved_at: now, pending: 0, marks: 0, bytes: 0 }) }
+        Self { state: Mutex::new(State { moved_at: now, pending: 0, bytes: 0 }) }
     }
 
     /// Records `bytes` moved at `now`.
@@ -63,13 +61,11 @@ impl Progress {
     pub fn mark(&self, now: Instant) {
         let mut state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         state.moved_at = now;
-        state.marks += 1;
     }
 
-    /// Steps marked and bytes moved so far, to say where a stalled transfer stood.
-    pub fn so_far(&self) -> (u32, u64) {
-        let state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        (state.marks, state.bytes)
+    /// Bytes moved so far, to say where a stalled transfer stood.
+    pub fn bytes_so_far(&self) -> u64 {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner).bytes
     }
 
     /// When the transfer stalls unless it moves a quantum first.
@@ -145,14 +141,14 @@ mod tests {
     }
 
     #[test]
-    fn so_far_counts_marks_and_every_byte() {
+    fn bytes_so_far_counts_every_byte_and_no_mark() {
         let start = Instant::now();
         let progress = Progress::new(start);
-        assert_eq!(progress.so_far(), (0, 0));
+        assert_eq!(progress.bytes_so_far(), 0);
         progress.mark(start);
         progress.advance(10, start);
         progress.advance(PROGRESS_QUANTUM_BYTES, start);
-        assert_eq!(progress.so_far(), (1, PROGRESS_QUANTUM_BYTES + 10), "bytes short of a quantum count too");
+        assert_eq!(progress.bytes_so_far(), PROGRESS_QUANTUM_BYTES + 10, "bytes short of a quantum count too");
     }
 
     #[tokio::test]

@@ -840,13 +840,12 @@ impl DataPlane {
         };
         let result = until_stalled(limit, &progress, attempt).await.unwrap_or(Err(PeerError::Timeout));
         if matches!(result, Err(PeerError::Timeout)) {
-            let (heads, bytes) = progress.so_far();
+            let bytes = progress.bytes_so_far();
             let stats = trace.connection.lock().unwrap_or_else(PoisonError::into_inner).as_ref().map(Connection::stats);
             tracing::debug!(
                 peer = %peer.peer_id,
                 request = request_kind(&request),
-                stage = trace.stage(),
-                answered = heads > 0,
+                stage = trace.stage().name(),
                 bytes,
                 limit_s = limit.as_secs(),
                 rtt_ms = stats.as_ref().map(|s| s.path.rtt.as_millis() as u64),
@@ -1334,27 +1333,47 @@ fn read_error(error: ReadError) -> PeerError {
 /// stream), and the meter its body bytes are counted on.
 #[derive(Default)]
 struct ExchangeTrace {
-    /// 0 no connection yet, 1 opening a stream, 2 writing the request, 3 waiting for the
-    /// answer's head, 4 reading its body.
+    /// The latest [`Stage`] reached, as its `u8`.
     stage: std::sync::atomic::AtomicU8,
     connection: Mutex<Option<Connection>>,
     /// Counts the answer's body bytes as they arrive (None: not counted).
     downlink: Option<Arc<DownlinkMeter>>,
 }
 
+/// How far one request got, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum Stage {
+    Connecting = 0,
+    OpeningStream,
+    WritingRequest,
+    AwaitingHead,
+    ReadingBody,
+}
+
+impl Stage {
+    const ALL: [Stage; 5] =
+        [Stage::Connecting, Stage::OpeningStream, Stage::WritingRequest, Stage::AwaitingHead, Stage::ReadingBody];
+
+    fn name(self) -> &'static str {
+        match self {
+            Stage::Connecting => "connecting",
+            Stage::OpeningStream => "opening_stream",
+            Stage::WritingRequest => "writing_request",
+            Stage::AwaitingHead => "awaiting_head",
+            Stage::ReadingBody => "reading_body",
+        }
+    }
+}
+
 impl ExchangeTrace {
-    fn reached(&self, stage: u8) {
-        self.stage.store(stage, std::sync::atomic::Ordering::Relaxed);
+    fn reached(&self, stage: Stage) {
+        self.stage.store(stage as u8, std::sync::atomic::Ordering::Relaxed);
     }
 
-    fn stage(&self) -> &'static str {
-        match self.stage.load(std::sync::atomic::Ordering::Relaxed) {
-            0 => "connecting",
-            1 => "opening_stream",
-            2 => "writing_request",
-            3 => "awaiting_head",
-            _ => "reading_body",
-        }
+    fn stage(&self) -> Stage {
+        let stage = self.stage.load(std::sync::atomic::Ordering::Relaxed);
+        Stage::ALL.get(usize::from(stage)).copied().unwrap_or(Stage::ReadingBody)
     }
 }
 
@@ -1368,10 +1387,10 @@ async fn exchange(
     trace: &ExchangeTrace,
 ) -> Result<Answer, ExchangeError> {
     *trace.connection.lock().unwrap_or_else(PoisonError::into_inner) = Some(connection.clone());
-    trace.reached(1);
+    trace.reached(Stage::OpeningStream);
     let (mut send, mut recv) =
         connection.open_bi().await.map_err(|error| ExchangeError::Lost(format!("connection lost: {error}")))?;
-    trace.reached(2);
+    trace.reached(Stage::WritingRequest);
     match send.write_all(&request.encode()).await {
         // A server that refuses without reading (Busy) may stop our side first; its answer
         // is still there to read.
@@ -1381,7 +1400,7 @@ async fn exchange(
     }
     // Finishing fails only if the stream was already stopped, handled above.
     let _ = send.finish();
-    trace.reached(3);
+    trace.reached(Stage::AwaitingHead);
 
     let (head, rest) = match read_frame(&mut recv, RESPONSE_HEAD_BYTES_MAX, ResponseHead::decode).await {
         Ok(read) => read,
@@ -1394,7 +1413,7 @@ async fn exchange(
         Err(FrameReadError::Ended) => return Err(PeerError::Protocol("stream ended before an answer".into()).into()),
     };
     progress.mark(Instant::now());
-    trace.reached(4);
+    trace.reached(Stage::ReadingBody);
     match head {
         ResponseHead::Chunk { length } => {
             let mut feed = relay.and_then(|relay| relay.claim(length as usize));
@@ -2316,6 +2335,16 @@ mod tests {
             assert_eq!(client.plane.get_chunk(&peer, id).await.map(VerifiedChunk::into_bytes), Ok(chunk.clone()));
         }
         assert_eq!(connection.stats().path.current_mtu, MTU_DISCOVERY_UPPER_BOUND_BYTES);
+    }
+
+    #[test]
+    fn an_exchange_trace_reads_back_each_stage_it_reached() {
+        let trace = ExchangeTrace::default();
+        assert_eq!(trace.stage(), Stage::Connecting);
+        for stage in Stage::ALL {
+            trace.reached(stage);
+            assert_eq!(trace.stage(), stage);
+        }
     }
 
     #[tokio::test]

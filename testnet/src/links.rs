@@ -42,7 +42,8 @@ pub struct Reading {
     pub nodes: Vec<Option<Counters>>,
 }
 
-/// Reads the counters of a run's links every [`SAMPLE_INTERVAL`] until finished.
+/// Reads the counters of a run's links every [`SAMPLE_INTERVAL`] until finished (the
+/// readings are bounded by the run's `--timeout`: one per second).
 pub struct LinkSampler {
     stop: CancellationToken,
     task: JoinHandle<Vec<Reading>>,
@@ -79,7 +80,10 @@ impl LinkSampler {
     /// Stops and returns every reading, the first taken at the start and the last now.
     pub async fn finish(self) -> Vec<Reading> {
         self.stop.cancel();
-        self.task.await.unwrap_or_default()
+        self.task.await.unwrap_or_else(|error| {
+            eprintln!("cachemesh-testnet: the link counter sampler failed ({error}); the report has no link figures");
+            Vec::new()
+        })
     }
 }
 
