@@ -1,8 +1,12 @@
 //! A counting HTTP reverse proxy in front of the S3 server: origin egress measured at the origin.
 //!
-//! Every request is forwarded unchanged (method, path, query, headers, body) to the
-//! upstream server over a fresh TCP connection, and the answer comes back unchanged. On the
-//! way it counts requests, and the response body bytes of `GET` requests whose path
+//! Every request is forwarded (method, path, query, end-to-end headers, body) to the
+//! upstream server over a fresh TCP connection, and the answer comes back the same way. As
+//! in any HTTP proxy, hop-by-hop headers (`Connection` and the headers it names,
+//! `Keep-Alive`, `Transfer-Encoding`, ...) are not passed on (RFC 9110, section 7.6.1): each
+//! hop frames its own messages and keeps its own connections. So a node keeps its
+//! connection to the origin open between requests, as it does with a real S3 endpoint,
+//! although the upstream (moto) closes every one of its own. On the way it counts requests, and the response body bytes of `GET` requests whose path
 //! contains `/chunks/` (the origin's chunk keys): what the origin sent out in chunks.
 //!
 //! Each node gets its own listener with its own [`ProxyCounters`], so the report can say
@@ -25,6 +29,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use http::header::{CONNECTION, HeaderMap, HeaderName, TE, TRANSFER_ENCODING, UPGRADE};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use http_body_util::combinators::BoxBody;
@@ -36,6 +41,30 @@ use tokio_util::sync::CancellationToken;
 
 /// The path part that marks a chunk key of the origin's layout (`PREFIX/chunks/<id>`).
 const CHUNK_PATH_MARKER: &str = "/chunks/";
+
+/// Hop-by-hop headers without a constant in `http` (RFC 9110, section 7.6.1).
+const HOP_BY_HOP: [&str; 2] = ["keep-alive", "proxy-connection"];
+
+/// Removes the headers that concern one hop only, which a proxy must not pass on:
+/// `Connection`, the headers it names, and those RFC 9110 (section 7.6.1) lists.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [CONNECTION, TE, TRANSFER_ENCODING, UPGRADE] {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
 
 /// What one listener saw.
 #[derive(Debug, Default)]
@@ -186,9 +215,12 @@ async fn forward(
     if request.method() == Method::PUT {
         counters.puts.fetch_add(1, Ordering::Relaxed);
     }
+    let mut request = request;
+    strip_hop_by_hop(request.headers_mut());
     match send_upstream(request, upstream).await {
         Ok(response) => {
-            let (parts, body) = response.into_parts();
+            let (mut parts, body) = response.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
             let counter = is_chunk_get.then(|| counters.clone());
             Ok(Response::from_parts(parts, CountingBody { inner: body, counters: counter }.boxed()))
         }
@@ -250,5 +282,83 @@ impl Body for CountingBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// An upstream that answers every request on a connection of its own, like moto: a
+    /// 5-byte body and `Connection: close`, then hangs up. Returns its address.
+    async fn closing_upstream() -> SocketAddr {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).await.unwrap_or(0) == 1 {
+                        head.push(byte[0]);
+                    }
+                    let answer = "HTTP/1.1 200 OK\r\nConnection: close, X-Hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\n\
+                                  X-End: 2\r\nContent-Length: 5\r\n\r\nhello";
+                    let _ = stream.write_all(answer.as_bytes()).await;
+                });
+            }
+        });
+        address
+    }
+
+    #[tokio::test]
+    async fn a_client_keeps_its_connection_though_the_upstream_closes_each_one() {
+        // Goal: as with a real S3 endpoint, a node sends request after request on one
+        // connection; the upstream's `Connection: close` concerns the proxy's own hop only.
+        let shutdown = CancellationToken::new();
+        let upstream = closing_upstream().await;
+        let proxy = Proxy::start(upstream, Ipv4Addr::LOCALHOST, shutdown.clone()).await.unwrap();
+        let stream = TcpStream::connect(proxy.address).await.unwrap();
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+        tokio::spawn(connection);
+        for round in 0..3 {
+            sender.ready().await.unwrap_or_else(|error| panic!("request {round}: the connection closed: {error}"));
+            let request =
+                Request::get("/bucket/prefix/chunks/abc").body(http_body_util::Empty::<Bytes>::new()).unwrap();
+            let response = sender.send_request(request).await.unwrap();
+            assert_eq!(response.status(), StatusCode::OK);
+            let headers = response.headers().clone();
+            assert!(headers.get(CONNECTION).is_none(), "Connection is not passed on: {headers:?}");
+            assert!(headers.get("keep-alive").is_none() && headers.get("x-hop").is_none(), "{headers:?}");
+            assert_eq!(headers.get("x-end").unwrap(), "2", "end-to-end headers are passed on");
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(&body[..], b"hello");
+        }
+        let figures = proxy.figures();
+        assert_eq!((figures.requests, figures.chunk_gets, figures.chunk_get_bytes), (3, 3, 15));
+        shutdown.cancel();
+    }
+
+    #[test]
+    fn hop_by_hop_headers_go_and_the_others_stay() {
+        let mut headers = HeaderMap::new();
+        for (name, value) in [
+            ("connection", "keep-alive, X-Named"),
+            ("x-named", "1"),
+            ("keep-alive", "timeout=5"),
+            ("transfer-encoding", "chunked"),
+            ("te", "trailers"),
+            ("upgrade", "h2c"),
+            ("proxy-connection", "keep-alive"),
+            ("content-length", "5"),
+            ("etag", "\"x\""),
+        ] {
+            headers.insert(HeaderName::from_static(name), value.parse().unwrap());
+        }
+        strip_hop_by_hop(&mut headers);
+        let mut left: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["content-length", "etag"]);
     }
 }
