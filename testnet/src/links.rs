@@ -22,6 +22,10 @@ use tokio_util::sync::CancellationToken;
 /// How often the counters are read.
 pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
 
+/// An interval counts as one in which the origin sent when its upload was at least this
+/// share of its rate.
+pub const ORIGIN_SENDING_SHARE: f64 = 0.5;
+
 /// A link's two byte counters at one moment.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counters {
@@ -105,8 +109,17 @@ pub struct LinksReport {
     /// Each node's link, over its own read (None: its port could not be read, or it did
     /// not finish).
     pub nodes: Vec<Option<LinkUse>>,
-    /// Per interval between two readings: the origin's upload and each node's download.
+    /// Per interval between two readings: the origin's upload and each node's download
+    /// and upload.
     pub timeline: Vec<LinkRates>,
+    /// Readers' upload as a share of their rate, averaged over the intervals in which the
+    /// origin sent (at least [`ORIGIN_SENDING_SHARE`] of its rate) and each reader was
+    /// still reading. None: the origin or no reader has a rate, or the origin never sent.
+    ///
+    /// Why: when every chunk comes from the origin through its home, each reader's link
+    /// is needed both ways for the fleet to keep pace with the origin; uplink left idle
+    /// then is capacity lost for good.
+    pub readers_up_while_origin_sent: Option<f64>,
 }
 
 /// One link's bytes over a stretch of the reads.
@@ -138,6 +151,8 @@ pub struct LinkRates {
     pub origin_up: Option<f64>,
     /// What each node received.
     pub nodes_down: Vec<Option<f64>>,
+    /// What each node sent.
+    pub nodes_up: Vec<Option<f64>>,
 }
 
 /// Sums `readings` up: each node over its own read (`read_seconds[i]`, from the first
@@ -180,10 +195,50 @@ pub fn summarise(
                 nodes_down: (0..pair[1].nodes.len())
                     .map(|index| rate(pair[0].nodes.get(index).copied().flatten(), pair[1].nodes[index], |c| c.down))
                     .collect(),
+                nodes_up: (0..pair[1].nodes.len())
+                    .map(|index| rate(pair[0].nodes.get(index).copied().flatten(), pair[1].nodes[index], |c| c.up))
+                    .collect(),
             }
         })
-        .collect();
-    Some(LinksReport { interval_seconds: SAMPLE_INTERVAL.as_secs_f64(), origin, nodes, timeline })
+        .collect::<Vec<_>>();
+    let readers_up_while_origin_sent = upload_share(&timeline, read_seconds, seeds, node_rates, origin_rate);
+    Some(LinksReport {
+        interval_seconds: SAMPLE_INTERVAL.as_secs_f64(),
+        origin,
+        nodes,
+        timeline,
+        readers_up_while_origin_sent,
+    })
+}
+
+/// See [`LinksReport::readers_up_while_origin_sent`]: an interval is within a read when
+/// it ended before the read did.
+fn upload_share(
+    timeline: &[LinkRates],
+    read_seconds: &[Option<f64>],
+    seeds: &[usize],
+    node_rates: &[Option<u64>],
+    origin_rate: Option<u64>,
+) -> Option<f64> {
+    let origin_rate = origin_rate.filter(|rate| *rate > 0)? as f64;
+    let (mut shares, mut counted) = (0.0, 0usize);
+    for rates in
+        timeline.iter().filter(|rates| rates.origin_up.is_some_and(|up| up >= ORIGIN_SENDING_SHARE * origin_rate))
+    {
+        for (index, up) in rates.nodes_up.iter().enumerate() {
+            let (Some(up), Some(Some(rate)), Some(Some(end))) =
+                (up, node_rates.get(index).filter(|_| !seeds.contains(&index)), read_seconds.get(index))
+            else {
+                continue;
+            };
+            if *rate == 0 || rates.seconds > *end {
+                continue;
+            }
+            counted += 1;
+            shares += up / *rate as f64;
+        }
+    }
+    (counted > 0).then(|| shares / counted as f64)
 }
 
 impl LinksReport {
@@ -216,6 +271,9 @@ impl LinksReport {
         }
         if let Some(origin) = origin {
             parts.push(format!("the origin's uplink {:.0}% until the slowest read ended", origin * 100.0));
+        }
+        if let Some(share) = self.readers_up_while_origin_sent {
+            parts.push(format!("readers' uplinks {:.0}% of their rate while the origin sent (mean)", share * 100.0));
         }
         Some(format!("links (every byte on the wire): {}", parts.join(", ")))
     }
@@ -317,6 +375,39 @@ mod tests {
                 (3.0, Some(0.0), Some(100_000.0))
             ]
         );
+    }
+
+    #[test]
+    fn readers_uplinks_are_averaged_over_the_seconds_the_origin_sent_within_each_read() {
+        // Goal: how full readers' uplinks were while the origin sent, so a report shows
+        // when homes had nothing to pass on.
+        let node = |down: u64, up: u64| Some(Counters { down, up });
+        let at = |seconds: f64, origin_up: u64, nodes: [Option<Counters>; 3]| Reading {
+            seconds,
+            origin: Some(Counters { down: 0, up: origin_up }),
+            nodes: nodes.to_vec(),
+        };
+        let readings = [
+            at(0.0, 0, [node(0, 0), node(0, 0), node(0, 0)]),
+            // The origin sends; node 0 sends 5% of its rate, node 1 50%.
+            at(1.0, 100, [node(10, 5), node(10, 50), node(0, 0)]),
+            // The origin sends; node 1 sends nothing, and node 0's read has ended.
+            at(2.0, 200, [node(20, 15), node(20, 50), node(0, 0)]),
+            // The origin sends under half its rate: not counted.
+            at(3.0, 240, [node(30, 15), node(30, 140), node(0, 0)]),
+        ];
+        // Node 2 held the object: not a reader, not counted.
+        let report =
+            summarise(&readings, &[Some(1.0), Some(3.0), Some(0.5)], &[2], &[Some(100); 3], Some(100)).unwrap();
+        assert_eq!(report.timeline[0].nodes_up, [Some(5.0), Some(50.0), Some(0.0)]);
+        // Counted: node 0 at 1 s (5%), node 1 at 1 s (50%) and 2 s (0%).
+        let share = report.readers_up_while_origin_sent.unwrap();
+        assert!((share - 0.55 / 3.0).abs() < 1e-9, "{share}");
+        let line = report.summary_line().unwrap();
+        assert!(line.contains("readers' uplinks 18% of their rate while the origin sent (mean)"), "{line}");
+        // Without the origin's rate (unshaped), there is no telling when it sent.
+        let report = summarise(&readings, &[Some(1.0), Some(3.0), Some(0.5)], &[2], &[Some(100); 3], None).unwrap();
+        assert_eq!(report.readers_up_while_origin_sent, None);
     }
 
     #[test]
