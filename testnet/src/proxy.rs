@@ -6,8 +6,9 @@
 //! `Keep-Alive`, `Transfer-Encoding`, ...) are not passed on (RFC 9110, section 7.6.1): each
 //! hop frames its own messages and keeps its own connections. So a node keeps its
 //! connection to the origin open between requests, as it does with a real S3 endpoint,
-//! although the upstream (moto) closes every one of its own. On the way it counts requests, and the response body bytes of `GET` requests whose path
-//! contains `/chunks/` (the origin's chunk keys): what the origin sent out in chunks.
+//! although the upstream (moto) closes every one of its own. On the way the proxy counts
+//! requests, and the response body bytes of `GET` requests whose path contains `/chunks/`
+//! (the origin's chunk keys): what the origin sent out in chunks.
 //!
 //! Each node gets its own listener with its own [`ProxyCounters`], so the report can say
 //! which node (and so which DC) pulled bytes from the origin without trusting the node's
@@ -199,7 +200,7 @@ type ProxyBody = BoxBody<Bytes, hyper::Error>;
 struct Outage;
 
 async fn forward(
-    request: Request<Incoming>,
+    mut request: Request<Incoming>,
     upstream: SocketAddr,
     counters: Arc<ProxyCounters>,
 ) -> Result<Response<ProxyBody>, Outage> {
@@ -215,7 +216,6 @@ async fn forward(
     if request.method() == Method::PUT {
         counters.puts.fetch_add(1, Ordering::Relaxed);
     }
-    let mut request = request;
     strip_hop_by_hop(request.headers_mut());
     match send_upstream(request, upstream).await {
         Ok(response) => {
