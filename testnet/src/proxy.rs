@@ -291,25 +291,30 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// An upstream that answers every request on a connection of its own, like moto: a
-    /// 5-byte body and `Connection: close`, then hangs up. Returns its address.
-    async fn closing_upstream() -> SocketAddr {
+    /// 5-byte body and `Connection: close`, then hangs up. Returns its address and the
+    /// request heads it received, lower-cased.
+    async fn closing_upstream() -> (SocketAddr, Arc<std::sync::Mutex<Vec<String>>>) {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
         let address = listener.local_addr().unwrap();
+        let heads = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let received = heads.clone();
         tokio::spawn(async move {
             while let Ok((mut stream, _)) = listener.accept().await {
+                let received = received.clone();
                 tokio::spawn(async move {
                     let mut head = Vec::new();
                     let mut byte = [0u8; 1];
                     while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).await.unwrap_or(0) == 1 {
                         head.push(byte[0]);
                     }
+                    received.lock().unwrap().push(String::from_utf8_lossy(&head).to_lowercase());
                     let answer = "HTTP/1.1 200 OK\r\nConnection: close, X-Hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\n\
                                   X-End: 2\r\nContent-Length: 5\r\n\r\nhello";
                     let _ = stream.write_all(answer.as_bytes()).await;
                 });
             }
         });
-        address
+        (address, heads)
     }
 
     #[tokio::test]
@@ -317,15 +322,20 @@ mod tests {
         // Goal: as with a real S3 endpoint, a node sends request after request on one
         // connection; the upstream's `Connection: close` concerns the proxy's own hop only.
         let shutdown = CancellationToken::new();
-        let upstream = closing_upstream().await;
+        let (upstream, heads) = closing_upstream().await;
         let proxy = Proxy::start(upstream, Ipv4Addr::LOCALHOST, shutdown.clone()).await.unwrap();
         let stream = TcpStream::connect(proxy.address).await.unwrap();
         let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
         tokio::spawn(connection);
         for round in 0..3 {
             sender.ready().await.unwrap_or_else(|error| panic!("request {round}: the connection closed: {error}"));
-            let request =
-                Request::get("/bucket/prefix/chunks/abc").body(http_body_util::Empty::<Bytes>::new()).unwrap();
+            // The client's own hop-by-hop headers stay on its hop too.
+            let request = Request::get("/bucket/prefix/chunks/abc")
+                .header(CONNECTION, "keep-alive, X-Client-Hop")
+                .header("x-client-hop", "1")
+                .header("x-client-end", "2")
+                .body(http_body_util::Empty::<Bytes>::new())
+                .unwrap();
             let response = sender.send_request(request).await.unwrap();
             assert_eq!(response.status(), StatusCode::OK);
             let headers = response.headers().clone();
@@ -337,6 +347,12 @@ mod tests {
         }
         let figures = proxy.figures();
         assert_eq!((figures.requests, figures.chunk_gets, figures.chunk_get_bytes), (3, 3, 15));
+        let heads = heads.lock().unwrap().clone();
+        assert_eq!(heads.len(), 3, "one upstream connection per request");
+        for head in heads {
+            assert!(head.contains("x-client-end: 2"), "end-to-end headers reach the upstream: {head}");
+            assert!(!head.contains("x-client-hop") && !head.contains("connection:"), "{head}");
+        }
         shutdown.cancel();
     }
 
