@@ -30,7 +30,7 @@ use futures::future::{BoxFuture, Shared};
 use tokio::sync::{Semaphore, oneshot};
 
 use crate::chunk::VerifiedChunk;
-use crate::mesh::{Attempt, HOLDER_ATTEMPTS_MAX, Holders, Mesh};
+use crate::mesh::{Attempt, HOLDER_ATTEMPTS_MAX, Holders, Mesh, holder_order};
 use crate::origin::{Origin, OriginError};
 use crate::relay::{Relay, RelayReader};
 use crate::store::{Store, StoreError};
@@ -399,11 +399,15 @@ impl Fetcher {
         if let Some((object, index)) = of {
             let Holders { partial, complete } = mesh.holders(object, index).await;
             if !partial.is_empty() {
-                // Only holders still fetching: whole-object holders (the node that put the
+                // Holders still fetching first: whole-object holders (the node that put the
                 // object, say) are the DC's only source of the chunks nobody else has yet,
-                // and their upload goes to those through the chunks' homes. When these
-                // holders fail, the home path below still reaches them.
-                let order = partial.into_iter().take(HOLDER_ATTEMPTS_MAX).map(Attempt::Holder).collect();
+                // and their upload goes to those through the chunks' homes. But one on a
+                // faster link than this node's is the first hedge when the first holder is
+                // slow (`Mesh::race`): it answers from an upload slot free now or says Busy,
+                // so it never queues readers ahead of homes. When these holders fail, the
+                // home path below still reaches the others.
+                let faster = mesh.faster_than_self(&complete);
+                let order = holder_order(partial, faster).into_iter().map(Attempt::Holder).collect();
                 if let Some((chunk, source)) = mesh.race(order, id, None).await {
                     return Ok(self.keep(chunk, source, Some(object)));
                 }

@@ -83,7 +83,8 @@ pub const HOLDER_CACHE_OBJECTS_MAX: usize = 1024;
 pub const AVAILABILITY_TTL: Duration = Duration::from_millis(500);
 /// Peers whose have-sets make up an object's availability, at most.
 pub const AVAILABILITY_HOLDERS_MAX: usize = 16;
-/// Holders tried for one chunk (hedges included) before moving on to its home node.
+/// Holders of each kind (still fetching; whole-object holders on faster links) tried for
+/// one chunk, hedges included, before moving on to its home node (see [`holder_order`]).
 pub const HOLDER_ATTEMPTS_MAX: usize = 3;
 /// Times one chunk fetch looks again for holders while its requests wait (see [`Mesh::race`]).
 pub const HOLDER_REFRESHES_MAX: usize = 4;
@@ -921,14 +922,8 @@ impl Mesh {
                         && let Some((object, index)) = refresh
                     {
                         refreshes_left -= 1;
-                        let Holders { partial, .. } = self.holders(object, index).await;
-                        // Holders still fetching only: whole-object holders are the seed's
-                        // kind, whose upload the home is already drawing on.
-                        let fresh: Vec<PeerTarget> = partial
-                            .into_iter()
-                            .filter(|holder| !asked.contains(&holder.peer_id))
-                            .take(HOLDER_ATTEMPTS_MAX)
-                            .collect();
+                        let Holders { partial, complete } = self.holders(object, index).await;
+                        let fresh = fresh_hedges(self.faster_than_self(&complete), partial, &asked);
                         for holder in fresh {
                             asked.insert(holder.peer_id);
                             waiting.push_back(Attempt::Holder(holder));
@@ -1077,6 +1072,37 @@ impl Mesh {
 /// median 0.12 s but 15 s at the 90th percentile and over 30 s for about 1 in 200, all on
 /// connections that carried chunks all the while. Avoiding such a peer sent readers past
 /// it as a home for 10 s.
+/// The holders a reader asks for a chunk, in [`Mesh::race`]'s order (the first asked at once,
+/// each next one as a hedge when the ones before are slow): the first holder still fetching
+/// the object, then whole-object holders on faster links than this node's (`faster`), then
+/// the other holders still fetching; at most [`HOLDER_ATTEMPTS_MAX`] of each kind.
+///
+/// Whole-object holders (the node that put the object, say) are the DC's only source of
+/// the chunks nobody else has yet, and their upload goes to those through the chunks'
+/// homes; so only faster ones are asked, and not first. But such a one is the best hedge
+/// when the first holder is slow: it answers a reader from an upload slot that is free now
+/// or says Busy at once, so it never queues readers ahead of homes, and it sends at this
+/// node's full rate. Without it, a reader on a thin link behind a busy holder waited while
+/// a fast seed's link idled (docs/benchmarks.md, 2026-12-01 fourth).
+pub fn holder_order(partial: Vec<PeerTarget>, faster: Vec<PeerTarget>) -> Vec<PeerTarget> {
+    let mut order: Vec<PeerTarget> = partial.into_iter().take(HOLDER_ATTEMPTS_MAX).collect();
+    let at = order.len().min(1);
+    order.splice(at..at, faster.into_iter().take(HOLDER_ATTEMPTS_MAX));
+    order
+}
+
+/// The hedges a [`Mesh::race`] adds once its own attempts are all under way: whole-object
+/// holders on faster links first (see [`holder_order`]), then holders still fetching, none
+/// already asked; at most [`HOLDER_ATTEMPTS_MAX`].
+fn fresh_hedges(faster: Vec<PeerTarget>, partial: Vec<PeerTarget>, asked: &HashSet<PeerId>) -> Vec<PeerTarget> {
+    faster
+        .into_iter()
+        .chain(partial)
+        .filter(|holder| !asked.contains(&holder.peer_id))
+        .take(HOLDER_ATTEMPTS_MAX)
+        .collect()
+}
+
 fn have_set_failure_is_unreachable(error: &PeerError, connected: impl FnOnce() -> bool) -> bool {
     match error {
         PeerError::Connect(_) => true,
@@ -1088,6 +1114,41 @@ fn have_set_failure_is_unreachable(error: &PeerError, connected: impl FnOnce() -
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn targets(count: usize) -> Vec<PeerTarget> {
+        (0..count)
+            .map(|index| PeerTarget { peer_id: PeerId::random(), addr: ([10, 0, 0, index as u8], 7000).into() })
+            .collect()
+    }
+
+    fn ids(targets: &[PeerTarget]) -> Vec<PeerId> {
+        targets.iter().map(|target| target.peer_id).collect()
+    }
+
+    #[test]
+    fn a_faster_whole_holder_is_the_first_hedge() {
+        // Goal: a read asks a holder still fetching first, then (as its first hedges) whole
+        // holders on faster links, then the other holders still fetching; a few of each.
+        let (partial, faster) = (targets(5), targets(4));
+        let order = holder_order(partial.clone(), faster.clone());
+        let expected: Vec<PeerId> = [&partial[..1], &faster[..HOLDER_ATTEMPTS_MAX], &partial[1..HOLDER_ATTEMPTS_MAX]]
+            .concat()
+            .iter()
+            .map(|t| t.peer_id)
+            .collect();
+        assert_eq!(ids(&order), expected);
+        assert_eq!(ids(&holder_order(partial.clone(), Vec::new())), ids(&partial[..HOLDER_ATTEMPTS_MAX]));
+        assert_eq!(ids(&holder_order(Vec::new(), faster.clone())), ids(&faster[..HOLDER_ATTEMPTS_MAX]));
+    }
+
+    #[test]
+    fn fresh_hedges_put_faster_whole_holders_first_and_skip_the_asked() {
+        let (faster, partial) = (targets(2), targets(3));
+        let asked: HashSet<PeerId> = [faster[0].peer_id, partial[0].peer_id].into();
+        let fresh = fresh_hedges(faster.clone(), partial.clone(), &asked);
+        assert_eq!(ids(&fresh), vec![faster[1].peer_id, partial[1].peer_id, partial[2].peer_id]);
+        assert_eq!(fresh_hedges(Vec::new(), targets(9), &HashSet::new()).len(), HOLDER_ATTEMPTS_MAX);
+    }
 
     #[test]
     fn a_late_have_set_avoids_its_peer_only_when_the_connection_is_gone_too() {
