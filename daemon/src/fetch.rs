@@ -399,13 +399,9 @@ impl Fetcher {
         if let Some((object, index)) = of {
             let Holders { partial, complete } = mesh.holders(object, index).await;
             if !partial.is_empty() {
-                // Holders still fetching first: whole-object holders (the node that put the
-                // object, say) are the DC's only source of the chunks nobody else has yet,
-                // and their upload goes to those through the chunks' homes. But one on a
-                // faster link than this node's is the first hedge when the first holder is
-                // slow (`Mesh::race`): it answers from an upload slot free now or says Busy,
-                // so it never queues readers ahead of homes. When these holders fail, the
-                // home path below still reaches the others.
+                // Holders still fetching, with whole-object holders on faster links as the
+                // first hedges (`holder_order` says why). When these fail, the home path
+                // below still reaches the others.
                 let faster = mesh.faster_than_self(&complete);
                 let order = holder_order(partial, faster).into_iter().map(Attempt::Holder).collect();
                 if let Some((chunk, source)) = mesh.race(order, id, None).await {

@@ -1063,15 +1063,6 @@ impl Mesh {
     }
 }
 
-/// Whether a failed have-set request shows its peer unreachable, so that it is avoided for
-/// [`PEER_UNREACHABLE_BACKOFF`] (also as the home of its chunks): a failed connect does, and
-/// a request with no answer for its limit does only when the peer's connection is gone too.
-///
-/// Why: a live peer on a saturated link answers late, not never. Measured on 25 Mbit links
-/// carrying a 16-host cold start (docs/benchmarks.md, 2026-12-01): have-set answers took a
-/// median 0.12 s but 15 s at the 90th percentile and over 30 s for about 1 in 200, all on
-/// connections that carried chunks all the while. Avoiding such a peer sent readers past
-/// it as a home for 10 s.
 /// The holders a reader asks for a chunk, in [`Mesh::race`]'s order (the first asked at once,
 /// each next one as a hedge when the ones before are slow): the first holder still fetching
 /// the object, then whole-object holders on faster links than this node's (`faster`), then
@@ -1103,6 +1094,15 @@ fn fresh_hedges(faster: Vec<PeerTarget>, partial: Vec<PeerTarget>, asked: &HashS
         .collect()
 }
 
+/// Whether a failed have-set request shows its peer unreachable, so that it is avoided for
+/// [`PEER_UNREACHABLE_BACKOFF`] (also as the home of its chunks): a failed connect does, and
+/// a request with no answer for its limit does only when the peer's connection is gone too.
+///
+/// Why: a live peer on a saturated link answers late, not never. Measured on 25 Mbit links
+/// carrying a 16-host cold start (docs/benchmarks.md, 2026-12-01): have-set answers took a
+/// median 0.12 s but 15 s at the 90th percentile and over 30 s for about 1 in 200, all on
+/// connections that carried chunks all the while. Avoiding such a peer sent readers past
+/// it as a home for 10 s.
 fn have_set_failure_is_unreachable(error: &PeerError, connected: impl FnOnce() -> bool) -> bool {
     match error {
         PeerError::Connect(_) => true,
