@@ -24,6 +24,7 @@ pub mod placement;
 pub mod relay;
 pub mod stall;
 pub mod store;
+pub mod stripe;
 pub mod transport;
 pub mod upload_line;
 pub mod volume;

@@ -259,7 +259,7 @@ impl Objects {
     ) -> impl Stream<Item = Result<Bytes, FetchError>> + Send + 'static {
         let fetcher = self.fetcher.clone();
         let indexes = manifest.chunks_covering(&range);
-        let context = Arc::new(ObjectContext { object });
+        let context = Arc::new(ObjectContext::new(object, &manifest));
         let fetch_one = move |index: usize| {
             let (fetcher, manifest, range, context) =
                 (fetcher.clone(), manifest.clone(), range.clone(), context.clone());
@@ -294,7 +294,7 @@ impl Objects {
     /// [`WARM_FRESH_CHUNKS_PER_SOURCE`] per whole holder that no fetching peer holds
     /// yet), else in index order.
     async fn fetch_all(&self, object: ObjectId, manifest: &Manifest) -> Result<(), FetchError> {
-        let context = Arc::new(ObjectContext { object });
+        let context = Arc::new(ObjectContext::new(object, manifest));
         let warm = |index: usize| {
             let (fetcher, context, id) = (self.fetcher.clone(), context.clone(), manifest.chunks()[index]);
             async move { fetcher.warm(id, Some((&context, index))).await }

@@ -29,6 +29,9 @@ use crate::chunk::VerifiedChunk;
 /// a few dozen times per chunk rather than once per packet.
 pub const RELAY_PIECE_BYTES: usize = 128 * 1024;
 
+/// Like [`RELAY_PIECE_BYTES`], for a stripe's relay ([`Relay::for_stripe`]).
+pub const STRIPE_RELAY_PIECE_BYTES: usize = 16 * 1024;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum End {
     Open,
@@ -50,6 +53,10 @@ pub struct Relay {
     state: Mutex<State>,
     /// Bumped on every change, so readers can wait for one.
     changed: watch::Sender<u64>,
+    /// Bytes handed to readers at once (the last piece may be shorter).
+    piece_bytes: usize,
+    /// Whether readers wait for the feed's verified end before the latest piece.
+    hold_back: bool,
 }
 
 impl Default for Relay {
@@ -57,6 +64,8 @@ impl Default for Relay {
         Self {
             state: Mutex::new(State { length: None, pieces: Vec::new(), end: End::Open }),
             changed: watch::Sender::new(0),
+            piece_bytes: RELAY_PIECE_BYTES,
+            hold_back: true,
         }
     }
 }
@@ -65,6 +74,14 @@ impl Relay {
     /// A relay nobody feeds yet.
     pub fn new() -> Arc<Self> {
         Arc::new(Self::default())
+    }
+
+    /// A relay of a stripe (`crate::stripe`): pieces of [`STRIPE_RELAY_PIECE_BYTES`], none
+    /// held back. A stripe cannot be verified alone, and it arrives at a fraction of the
+    /// chunk's pace, so pieces as large as a chunk relay's would hold its readers back for
+    /// seconds at each hop.
+    pub fn for_stripe() -> Arc<Self> {
+        Arc::new(Self { piece_bytes: STRIPE_RELAY_PIECE_BYTES, hold_back: false, ..Self::default() })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -94,6 +111,19 @@ impl Relay {
             length,
             finished: false,
         })
+    }
+
+    /// Fails the relay if no feed ever claimed it (its fetch ended before any answer), so
+    /// that its readers stop waiting; does nothing once claimed.
+    pub fn abandon_unclaimed(&self) {
+        {
+            let mut state = self.lock();
+            if state.length.is_some() || state.end != End::Open {
+                return;
+            }
+            state.end = End::Failed;
+        }
+        self.notify();
     }
 
     /// Whether any reader (a peer's answer in progress) holds this relay.
@@ -141,10 +171,11 @@ impl RelayFeed {
         }
         self.pending.extend_from_slice(&received[self.copied..]);
         self.copied = received.len();
-        if self.pending.len() >= RELAY_PIECE_BYTES {
+        let piece_bytes = self.relay.piece_bytes;
+        if self.pending.len() >= piece_bytes {
             let mut state = self.relay.lock();
-            while self.pending.len() >= RELAY_PIECE_BYTES {
-                state.pieces.push(self.pending.split_to(RELAY_PIECE_BYTES).freeze());
+            while self.pending.len() >= piece_bytes {
+                state.pieces.push(self.pending.split_to(piece_bytes).freeze());
             }
             drop(state);
             self.relay.notify();
@@ -164,6 +195,27 @@ impl RelayFeed {
         }
         if self.copied < self.length {
             state.pieces.push(chunk.bytes().slice(self.copied..));
+        }
+        state.end = End::Verified;
+        drop(state);
+        self.finished = true;
+        self.relay.notify();
+    }
+
+    /// Ends the relay of a stripe (a byte range of a chunk, see `crate::stripe`) complete:
+    /// `bytes` is what was fed. A stripe cannot be verified alone; whoever assembles the
+    /// chunk verifies it, so the relay lets its readers have the last piece too.
+    pub fn finish_stripe(mut self, bytes: &Bytes) {
+        if bytes.len() != self.received || self.received != self.length {
+            self.fail();
+            return;
+        }
+        let mut state = self.relay.lock();
+        if !self.pending.is_empty() {
+            state.pieces.push(self.pending.split().freeze());
+        }
+        if self.copied < self.length {
+            state.pieces.push(bytes.slice(self.copied..));
         }
         state.end = End::Verified;
         drop(state);
@@ -237,7 +289,9 @@ impl RelayReader {
                     End::Verified | End::Open => {}
                 }
                 // Until the feed is verified, the latest piece waits for the next one.
-                let releasable = state.end == End::Verified || self.next + 1 < state.pieces.len();
+                let releasable = state.end == End::Verified
+                    || (self.next < state.pieces.len() && !self.relay.hold_back)
+                    || self.next + 1 < state.pieces.len();
                 if releasable {
                     let piece = state.pieces[self.next].clone();
                     self.next += 1;
@@ -270,6 +324,77 @@ impl RelayReader {
     }
 }
 
+/// Reads some byte ranges of a relay's chunk (a stripe's pieces, see `crate::stripe`), in
+/// order, as [`RelayReader`] releases them; each call hands out what one released piece
+/// holds of them, joined.
+#[derive(Debug)]
+pub struct StripeReader {
+    reader: RelayReader,
+    /// The ranges still to hand out, in order, not overlapping.
+    ranges: std::collections::VecDeque<std::ops::Range<usize>>,
+    length: usize,
+    /// Offset in the chunk of the next byte the inner reader hands out.
+    at: usize,
+}
+
+impl StripeReader {
+    /// The bytes of `ranges` (in order, not overlapping) of what `reader` reads.
+    pub fn new(reader: RelayReader, ranges: impl IntoIterator<Item = std::ops::Range<usize>>) -> Self {
+        let ranges: std::collections::VecDeque<_> = ranges.into_iter().filter(|range| !range.is_empty()).collect();
+        let length = ranges.iter().map(|range| range.len()).sum();
+        let at = reader.sent();
+        Self { reader, ranges, length, at }
+    }
+
+    /// Bytes it hands out in all.
+    pub fn len(&self) -> usize {
+        self.length
+    }
+
+    /// Whether it hands out nothing.
+    pub fn is_empty(&self) -> bool {
+        self.length == 0
+    }
+
+    /// The next bytes; `Ok(None)` once all were handed out; `Err` when the feed failed
+    /// first, or ended short of them.
+    pub async fn next(&mut self) -> Result<Option<Bytes>, RelayFailed> {
+        while !self.ranges.is_empty() {
+            let Some(piece) = self.reader.next().await? else { return Err(RelayFailed) };
+            let (start, end) = (self.at, self.at + piece.len());
+            self.at = end;
+            let mut parts: Vec<Bytes> = Vec::new();
+            while let Some(range) = self.ranges.front_mut() {
+                if range.start >= end {
+                    break;
+                }
+                let (from, to) = (range.start.max(start), range.end.min(end));
+                if from < to {
+                    parts.push(piece.slice(from - start..to - start));
+                }
+                if range.end <= end {
+                    self.ranges.pop_front();
+                } else {
+                    range.start = range.start.max(end);
+                    break;
+                }
+            }
+            match parts.len() {
+                0 => continue,
+                1 => return Ok(parts.pop()),
+                _ => {
+                    let mut joined = BytesMut::with_capacity(parts.iter().map(Bytes::len).sum());
+                    for part in parts {
+                        joined.extend_from_slice(&part);
+                    }
+                    return Ok(Some(joined.freeze()));
+                }
+            }
+        }
+        Ok(None)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -290,6 +415,59 @@ mod tests {
     /// Whether `future` is still pending after the other tasks had a chance to run.
     async fn pending<F: std::future::Future>(future: F) -> bool {
         tokio::time::timeout(Duration::from_millis(20), future).await.is_err()
+    }
+
+    #[tokio::test]
+    async fn a_stripe_reader_hands_out_exactly_its_ranges_and_a_stripe_relay_ends_complete() {
+        // Goal: any set of ranges of an arriving chunk comes out whole and in order, also
+        // ranges that start or end inside a relay piece or share one; a stripe's relay (no
+        // verification possible) releases its last piece once its feed ends complete.
+        let chunk = chunk(3 * RELAY_PIECE_BYTES + 5);
+        let bytes = chunk.bytes().clone();
+        let length = bytes.len();
+        let sets: Vec<Vec<std::ops::Range<usize>>> = vec![
+            vec![0..length],
+            vec![0..1, 3..9, RELAY_PIECE_BYTES - 1..RELAY_PIECE_BYTES + 1],
+            vec![7..RELAY_PIECE_BYTES + 3, 2 * RELAY_PIECE_BYTES..length],
+            vec![length - 5..length],
+            vec![],
+        ];
+        let relay = Relay::new();
+        let tasks: Vec<_> = sets
+            .iter()
+            .map(|ranges| {
+                let mut reader = StripeReader::new(relay.reader(), ranges.clone());
+                tokio::spawn(async move {
+                    let mut out = Vec::new();
+                    while let Some(piece) = reader.next().await? {
+                        out.extend_from_slice(&piece);
+                    }
+                    Ok::<_, RelayFailed>(out)
+                })
+            })
+            .collect();
+        let mut feed = relay.claim(length).expect("the first claim feeds");
+        for end in (0..=length).step_by(1000).chain([length]) {
+            feed.push(&bytes[..end]);
+            tokio::task::yield_now().await;
+        }
+        feed.finish_stripe(&bytes);
+        for (task, ranges) in tasks.into_iter().zip(sets) {
+            let expected: Vec<u8> = ranges.iter().flat_map(|range| bytes[range.clone()].to_vec()).collect();
+            assert_eq!(task.await.expect("no panic").expect("complete"), expected);
+        }
+        // A stripe relay whose feed ends short fails its readers.
+        let relay = Relay::new();
+        let mut reader = StripeReader::new(relay.reader(), std::iter::once(0..10));
+        let mut feed = relay.claim(10).expect("feeds");
+        feed.push(&bytes[..4]);
+        feed.finish_stripe(&bytes.slice(..4));
+        assert_eq!(reader.next().await, Err(RelayFailed));
+        // So does one that nobody ever fed.
+        let relay = Relay::new();
+        let mut reader = StripeReader::new(relay.reader(), std::iter::once(0..10));
+        relay.abandon_unclaimed();
+        assert_eq!(reader.next().await, Err(RelayFailed));
     }
 
     #[tokio::test]

@@ -65,7 +65,7 @@ use tokio_util::task::TaskTracker;
 use crate::chunk::VerifiedChunk;
 use crate::downlink::DownlinkMeter;
 use crate::identity::{NodeIdentity, verify_signature};
-use crate::relay::{Relay, RelayFeed, RelayReader};
+use crate::relay::{Relay, RelayFeed, RelayReader, StripeReader};
 use crate::stall::{Progress, until_stalled};
 use crate::upload_line::{UploadLine, UploadSlot, tune_periodically};
 
@@ -112,6 +112,12 @@ pub const REQUEST_STREAMS_PER_CONNECTION_MAX: u32 = 2 * REQUESTS_PER_PEER_MAX as
 /// Requests in service across all connections; more are answered `Busy`. Each may pin one
 /// chunk in memory, so this bounds what serving holds to this many chunks.
 pub const SERVE_REQUESTS_MAX: usize = 64;
+/// Stripe answers in service at once across all peers, bounded apart from
+/// [`SERVE_REQUESTS_MAX`]: a relayer answers every reader of a DC for each chunk in flight
+/// (about 130 at once for 16 hosts), and each answer holds at most one stripe (an eighth
+/// of a chunk; most read a relay that all who want the stripe share), so 256 of them pin at
+/// most as much memory as 32 chunks.
+pub const STRIPE_ANSWERS_MAX: usize = 256;
 
 /// Admitted inbound connections; a peer admitted beyond it is closed with [`CLOSE_BUSY`].
 pub const CONNECTIONS_MAX: usize = 1024;
@@ -324,6 +330,25 @@ pub trait ChunkService: Send + Sync + 'static {
         id: ChunkId,
         of: Option<(ObjectId, u32)>,
     ) -> impl Future<Output = Result<HomeChunk, HomeFetchError>> + Send;
+    /// Stripe `stripe` of `stripes` of chunk `id` (the chunk at `of`), unverified, as it
+    /// arrives: with `from_home`, as the chunk's home (fetching it as
+    /// [`ChunkService::home_fetch`] does); else as the stripe's relayer (`crate::stripe`).
+    fn stripe(
+        &self,
+        id: ChunkId,
+        of: (ObjectId, u32),
+        stripe: (u16, u16),
+        from_home: bool,
+    ) -> impl Future<Output = Result<StripeAnswer, HomeFetchError>> + Send;
+}
+
+/// What a stripe request answers a peer with.
+#[derive(Debug)]
+pub enum StripeAnswer {
+    /// The stripe's bytes, all here.
+    Whole(Bytes),
+    /// The stripe's bytes as they arrive at this node.
+    Arriving(StripeReader),
 }
 
 /// What a home fetch answers a peer with.
@@ -562,8 +587,12 @@ pub fn describe_metrics() {
     );
     describe_counter!("cachemesh_peer_download_bytes_total", Unit::Bytes, "Chunk bytes received from peers.");
     describe_counter!(
+        "cachemesh_stripes_total",
+        "Chunks assembled from stripes (assembled), and stripes asked of the chunk's home because their relayer did not give them (from_home)."
+    );
+    describe_counter!(
         "cachemesh_peer_requests_served_total",
-        "Data-plane requests answered, by kind (have_set, get_chunk, home_fetch, unknown) and status."
+        "Data-plane requests answered, by kind (have_set, get_chunk, get_chunk_for_home, home_fetch, stripe, stripe_from_home, unknown) and status."
     );
     describe_counter!("cachemesh_peer_errors_total", "Failed requests to peers, by kind of PeerError.");
     describe_counter!(
@@ -678,6 +707,7 @@ impl DataPlane {
             #[cfg(not(test))]
             upload,
             serving: Arc::new(Semaphore::new(SERVE_REQUESTS_MAX)),
+            stripe_answers: Arc::new(Semaphore::new(STRIPE_ANSWERS_MAX)),
             upload_line: upload_line.clone(),
             relay_slots: Arc::new(Semaphore::new(RELAY_SLOTS)),
             connections: Arc::new(Semaphore::new(CONNECTIONS_MAX)),
@@ -810,6 +840,36 @@ impl DataPlane {
             // Once: the home has the verified chunk by now.
             Err(PeerError::RelayFailed) => ask().await,
             other => other,
+        };
+        count_peer_error(peer, result)
+    }
+
+    /// Stripe `stripe` (of `stripes`) of chunk `id`, the chunk at `of`, `length` bytes when
+    /// known (unverified: the caller checks the chunk it assembles from its stripes), from `peer`
+    /// as the chunk's home (`from_home`) or as the stripe's relayer; fed into `relay` as it
+    /// arrives when given.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn stripe(
+        &self,
+        peer: &PeerTarget,
+        id: ChunkId,
+        of: (ObjectId, u32),
+        (stripe, stripes): (u16, u16),
+        length: Option<usize>,
+        from_home: bool,
+        relay: Option<&Arc<Relay>>,
+    ) -> Result<Bytes, PeerError> {
+        let request = Request::Stripe { id, object: of.0, index: of.1, stripe, stripes, from_home };
+        let result = match self.request(peer, request, HOME_FETCH_TIMEOUT, relay).await {
+            Ok(Answer::Chunk(bytes, feed)) if length.is_none_or(|length| bytes.len() == length) => {
+                if let Some(feed) = feed {
+                    feed.finish_stripe(&bytes);
+                }
+                Ok(bytes)
+            }
+            Ok(Answer::Chunk(..)) => Err(PeerError::Protocol("a stripe of the wrong length".into())),
+            Ok(Answer::HaveSet { .. }) => Err(PeerError::Protocol("a have-set answered a stripe request".into())),
+            Err(error) => Err(error),
         };
         count_peer_error(peer, result)
     }
@@ -1494,6 +1554,8 @@ struct Server<S> {
     upload: Option<Arc<Mutex<UploadBudget>>>,
     /// Requests in service across all connections ([`SERVE_REQUESTS_MAX`]).
     serving: Arc<Semaphore>,
+    /// Stripe answers in service across all connections ([`STRIPE_ANSWERS_MAX`]).
+    stripe_answers: Arc<Semaphore>,
     /// Whole-chunk answers being transmitted at once, and homes waiting for a slot.
     upload_line: Arc<UploadLine>,
     /// See [`RELAY_SLOTS`].
@@ -1632,6 +1694,8 @@ fn request_kind(request: &Request) -> &'static str {
         Request::GetChunk { .. } => "get_chunk",
         Request::GetChunkForHome(_) => "get_chunk_for_home",
         Request::HomeFetch(_) | Request::HomeFetchOf { .. } => "home_fetch",
+        Request::Stripe { from_home: true, .. } => "stripe_from_home",
+        Request::Stripe { from_home: false, .. } => "stripe",
     }
 }
 
@@ -1770,18 +1834,23 @@ impl<S: ChunkService> Server<S> {
         };
         drop(recv);
         let kind = request_kind(&request);
-        let Ok(_serving) = self.serving.clone().try_acquire_owned() else {
+        // Stripes are small and many (one per chunk, stripe and reader), and hold no chunk
+        // of their own in memory: they have their own bound.
+        let serving = if matches!(request, Request::Stripe { .. }) { &self.stripe_answers } else { &self.serving };
+        let Ok(_serving) = serving.clone().try_acquire_owned() else {
             count_served(kind, status_label(Status::Busy));
             send_refusal(send, refusal(Status::Busy, "serving too many requests")).await;
             return;
         };
         // A home's GetChunkForHome waits in the line for upload slots, as long as a home fetch.
-        let limit =
-            if matches!(request, Request::HomeFetch(_) | Request::HomeFetchOf { .. } | Request::GetChunkForHome(_)) {
-                HOME_FETCH_TIMEOUT
-            } else {
-                REQUEST_TIMEOUT
-            };
+        let limit = if matches!(
+            request,
+            Request::HomeFetch(_) | Request::HomeFetchOf { .. } | Request::GetChunkForHome(_) | Request::Stripe { .. }
+        ) {
+            HOME_FETCH_TIMEOUT
+        } else {
+            REQUEST_TIMEOUT
+        };
         let mut slot = None;
         let progress = Progress::new(Instant::now());
         let outcome = tokio::select! {
@@ -1884,6 +1953,35 @@ impl<S: ChunkService> Server<S> {
                     }
                     Ok(HomeChunk::Arriving { length, reader, answer }) => {
                         self.send_arriving(send, length, reader, answer, slot, progress).await
+                    }
+                    Err(error) => write_head(send, &home_refusal(error)).await,
+                }
+            }
+            Request::Stripe { id, object, index, stripe, stripes, from_home } => {
+                match self.service.stripe(id, (object, index), (stripe, stripes), from_home).await {
+                    Ok(StripeAnswer::Whole(bytes)) => {
+                        let Some(length) = head_length(bytes.len()) else {
+                            return write_head(send, &refusal(Status::Internal, "stripe too large")).await;
+                        };
+                        write_head(send, &ResponseHead::Chunk { length }).await?;
+                        progress.mark(Instant::now());
+                        let body = self.fault(bytes).await;
+                        self.write_body(send, &body, progress).await?;
+                        Ok(Status::Ok)
+                    }
+                    Ok(StripeAnswer::Arriving(mut reader)) => {
+                        let Some(length) = head_length(reader.len()) else {
+                            return write_head(send, &refusal(Status::Internal, "stripe too large")).await;
+                        };
+                        write_head(send, &ResponseHead::Chunk { length }).await?;
+                        progress.mark(Instant::now());
+                        let mut first = true;
+                        while let Some(piece) = reader.next().await.map_err(|_| ServeError::RelayFailed)? {
+                            let piece = if first { self.fault(piece).await } else { piece };
+                            first = false;
+                            self.write_body(send, &piece, progress).await?;
+                        }
+                        Ok(Status::Ok)
                     }
                     Err(error) => write_head(send, &home_refusal(error)).await,
                 }
@@ -2108,6 +2206,7 @@ mod tests {
     use std::net::{IpAddr, Ipv4Addr};
     use std::sync::atomic::{AtomicUsize, Ordering};
 
+    use cachemesh_proto::frames::{STRIPE_PIECE_BYTES, stripe_length, stripe_pieces};
     use futures::FutureExt;
     use tokio::sync::oneshot;
 
@@ -2164,6 +2263,29 @@ mod tests {
                 gate.release.acquire().await.unwrap().forget();
             }
             self.chunks.get(&id).cloned()
+        }
+
+        async fn stripe(
+            &self,
+            id: ChunkId,
+            _of: (ObjectId, u32),
+            (stripe, stripes): (u16, u16),
+            _from_home: bool,
+        ) -> Result<StripeAnswer, HomeFetchError> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            if let Some(chunk) = self.chunks.get(&id) {
+                let mut out = Vec::new();
+                for range in stripe_pieces(chunk.len(), stripe, stripes) {
+                    out.extend_from_slice(&chunk[range]);
+                }
+                return Ok(StripeAnswer::Whole(Bytes::from(out)));
+            }
+            if let Some((relay, _)) = self.arriving.get(&id) {
+                let mut reader = relay.reader();
+                let length = reader.length().await.map_err(|_| HomeFetchError::Internal("relay failed".into()))?;
+                return Ok(StripeAnswer::Arriving(StripeReader::new(reader, stripe_pieces(length, stripe, stripes))));
+            }
+            Err(HomeFetchError::NotFound)
         }
 
         async fn home_fetch(&self, id: ChunkId, of: Option<(ObjectId, u32)>) -> Result<HomeChunk, HomeFetchError> {
@@ -2309,6 +2431,82 @@ mod tests {
     }
 
     /// Waits (10 s at most) until a peer's answer reads `relay`.
+    #[tokio::test]
+    async fn stripes_come_whole_from_a_holder_and_as_they_arrive_from_a_home() {
+        // Goal: the stripes of a held chunk, asked of a holder, put together give the chunk;
+        // a stripe of a chunk still arriving at its home is answered as it arrives and holds
+        // exactly that stripe's pieces; a stripe that does not exist is refused as a bad
+        // request, and one the node cannot give as not found.
+        let held = test_bytes("held", 5 * STRIPE_PIECE_BYTES + 17);
+        let held_id = ChunkId::of(&held);
+        let arriving = test_bytes("arriving", 32 * STRIPE_PIECE_BYTES);
+        let arriving_id = ChunkId::of(&arriving);
+        let relay = Relay::new();
+        let (_done, answer) = oneshot::channel::<Bytes>();
+        let mut service = FakeService::default();
+        service.chunks.insert(held_id, held.clone());
+        service.arriving.insert(
+            arriving_id,
+            (
+                relay.clone(),
+                async move { answer.await.map_err(|_| HomeFetchError::Internal("gone".into())) }.boxed().shared(),
+            ),
+        );
+        let server = start(CLUSTER, service).await;
+        let client = start(CLUSTER, FakeService::default()).await;
+        let peer = server.target();
+        let object = ObjectId::from_bytes([7; 32]);
+
+        let stripes = 3u16;
+        let mut assembled = vec![0u8; held.len()];
+        for stripe in 0..stripes {
+            let length = stripe_length(held.len(), stripe, stripes);
+            let bytes = client
+                .plane
+                .stripe(&peer, held_id, (object, 0), (stripe, stripes), Some(length), false, None)
+                .await
+                .expect("a holder gives every stripe");
+            let mut at = 0;
+            for range in stripe_pieces(held.len(), stripe, stripes) {
+                assembled[range.clone()].copy_from_slice(&bytes[at..at + range.len()]);
+                at += range.len();
+            }
+            assert_eq!(at, bytes.len());
+        }
+        assert_eq!(assembled, held.to_vec());
+
+        // Stripe 1 of 2 of a chunk the home is still receiving; a relay fed by the answer
+        // (as a relayer's is) gets its bytes as they come.
+        let mut feed = relay.claim(arriving.len()).unwrap();
+        let relayed = Relay::for_stripe();
+        let fetch = tokio::spawn({
+            let (plane, relayed) = (client.plane.clone(), relayed.clone());
+            async move { plane.stripe(&peer, arriving_id, (object, 1), (1, 2), None, true, Some(&relayed)).await }
+        });
+        let mut relayed_reader = relayed.reader();
+        wait_for_reader(&relay).await;
+        feed.push(&arriving[..arriving.len() / 2]);
+        let first = tokio::time::timeout(Duration::from_secs(5), relayed_reader.next())
+            .await
+            .expect("the first pieces of the stripe are passed on before the chunk is in")
+            .expect("the relay goes on")
+            .expect("bytes");
+        assert_eq!(&first[..], &arriving[STRIPE_PIECE_BYTES..STRIPE_PIECE_BYTES + first.len()]);
+        feed.push(&arriving);
+        feed.finish(&VerifiedChunk::check(arriving_id, arriving.clone()).unwrap());
+        let stripe = fetch.await.unwrap().expect("the stripe comes once the chunk is in");
+        let expected: Vec<u8> =
+            stripe_pieces(arriving.len(), 1, 2).flat_map(|range| arriving[range].to_vec()).collect();
+        assert_eq!(stripe.to_vec(), expected);
+
+        let peer = server.target();
+        let bad = client.plane.stripe(&peer, held_id, (object, 0), (3, 3), None, false, None).await;
+        assert!(matches!(bad, Err(PeerError::Remote { status: Status::BadRequest, .. })), "{bad:?}");
+        let unknown = ChunkId::of(b"nobody has this");
+        let missing = client.plane.stripe(&peer, unknown, (object, 0), (0, 2), None, false, None).await;
+        assert!(matches!(missing, Err(PeerError::NotFound)), "{missing:?}");
+    }
+
     async fn wait_for_reader(relay: &Relay) {
         let deadline = Instant::now() + Duration::from_secs(10);
         while !relay.has_readers() {

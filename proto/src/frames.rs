@@ -59,6 +59,37 @@ pub enum FrameError {
     /// A text field is not UTF-8.
     #[error("{0} is not UTF-8")]
     NotUtf8(&'static str),
+    /// A stripe request names a stripe that does not exist.
+    #[error("stripe {stripe} of {stripes} does not exist")]
+    BadStripe {
+        /// The stripe asked for.
+        stripe: u16,
+        /// The stripes announced.
+        stripes: u16,
+    },
+}
+
+/// Bytes of a chunk's pieces that stripes interleave (see [`Request::Stripe`]).
+pub const STRIPE_PIECE_BYTES: usize = 32 * 1024;
+
+/// Stripes a chunk may be cut into: one per piece of a [`CHUNK_BYTES_MAX`] chunk.
+pub const STRIPES_MAX: u16 = (CHUNK_BYTES_MAX as usize / STRIPE_PIECE_BYTES) as u16;
+
+/// The byte ranges of a chunk of `length` bytes that stripe `stripe` of `stripes` carries,
+/// in order: pieces `stripe`, `stripe + stripes`... of [`STRIPE_PIECE_BYTES`] (the chunk's
+/// last piece may be shorter). Empty for a stripe that does not exist.
+pub fn stripe_pieces(length: usize, stripe: u16, stripes: u16) -> impl Iterator<Item = std::ops::Range<usize>> {
+    let pieces = length.div_ceil(STRIPE_PIECE_BYTES);
+    let (stripe, step) = (usize::from(stripe), usize::from(stripes).max(1));
+    let first = if stripe < usize::from(stripes) { stripe } else { pieces };
+    (first..pieces)
+        .step_by(step)
+        .map(move |piece| piece * STRIPE_PIECE_BYTES..((piece + 1) * STRIPE_PIECE_BYTES).min(length))
+}
+
+/// Bytes in stripe `stripe` of `stripes` of a chunk of `length` bytes.
+pub fn stripe_length(length: usize, stripe: u16, stripes: u16) -> usize {
+    stripe_pieces(length, stripe, stripes).map(|range| range.len()).sum()
 }
 
 /// Who speaks a Hello: binds the signature to a direction so it cannot be reflected.
@@ -175,6 +206,27 @@ pub enum Request {
         /// The chunk's index in that object.
         index: u32,
     },
+    /// Send stripe `stripe` of `stripes` of this chunk as it arrives: the chunk's
+    /// [`STRIPE_PIECE_BYTES`] pieces `stripe`, `stripe + stripes`, `stripe + 2 * stripes`...
+    /// one after the other ([`stripe_pieces`]). Not verified: a stripe cannot be checked
+    /// alone; the requester checks the chunk it assembles. With `from_home` the receiver is
+    /// asked as the chunk's home (it fetches the chunk as for [`Request::HomeFetchOf`]);
+    /// without, as the stripe's relayer (it gets the stripe from the chunk's home once and
+    /// passes it on to every requester).
+    Stripe {
+        /// The chunk.
+        id: ChunkId,
+        /// The object it is read for.
+        object: ObjectId,
+        /// The chunk's index in that object.
+        index: u32,
+        /// Which stripe, below `stripes`.
+        stripe: u16,
+        /// How many stripes the chunk is cut into, 1 to [`STRIPES_MAX`].
+        stripes: u16,
+        /// Asked of the chunk's home rather than of a relayer.
+        from_home: bool,
+    },
 }
 
 const TAG_HAVE_SET: u8 = 1;
@@ -182,6 +234,8 @@ const TAG_GET_CHUNK: u8 = 2;
 const TAG_HOME_FETCH: u8 = 3;
 const TAG_HOME_FETCH_OF: u8 = 4;
 const TAG_GET_CHUNK_FOR_HOME: u8 = 5;
+const TAG_STRIPE_FROM_RELAYER: u8 = 6;
+const TAG_STRIPE_FROM_HOME: u8 = 7;
 
 fn id_at(bytes: &[u8], at: usize) -> [u8; ID_BYTES] {
     let mut id = [0u8; ID_BYTES];
@@ -195,7 +249,7 @@ fn u32_at(bytes: &[u8], at: usize) -> u32 {
 
 impl Request {
     /// Largest encoded request.
-    pub const ENCODED_BYTES_MAX: usize = 1 + 2 * ID_BYTES + 4;
+    pub const ENCODED_BYTES_MAX: usize = 1 + 2 * ID_BYTES + 8;
 
     /// Encodes the request.
     pub fn encode(&self) -> Vec<u8> {
@@ -225,6 +279,14 @@ impl Request {
                 out.extend_from_slice(object.as_bytes());
                 out.extend_from_slice(&index.to_le_bytes());
             }
+            Self::Stripe { id, object, index, stripe, stripes, from_home } => {
+                out.push(if *from_home { TAG_STRIPE_FROM_HOME } else { TAG_STRIPE_FROM_RELAYER });
+                out.extend_from_slice(id.as_bytes());
+                out.extend_from_slice(object.as_bytes());
+                out.extend_from_slice(&index.to_le_bytes());
+                out.extend_from_slice(&stripe.to_le_bytes());
+                out.extend_from_slice(&stripes.to_le_bytes());
+            }
         }
         out
     }
@@ -236,6 +298,7 @@ impl Request {
             TAG_HAVE_SET | TAG_HOME_FETCH | TAG_GET_CHUNK_FOR_HOME => 1 + ID_BYTES,
             TAG_GET_CHUNK => 1 + ID_BYTES + 8,
             TAG_HOME_FETCH_OF => 1 + 2 * ID_BYTES + 4,
+            TAG_STRIPE_FROM_RELAYER | TAG_STRIPE_FROM_HOME => 1 + 2 * ID_BYTES + 8,
             other => return Err(FrameError::UnknownTag(other)),
         };
         if bytes.len() < needed {
@@ -251,6 +314,22 @@ impl Request {
                 object: ObjectId::from_bytes(id_at(bytes, 1 + ID_BYTES)),
                 index: u32_at(bytes, 1 + 2 * ID_BYTES),
             },
+            TAG_STRIPE_FROM_RELAYER | TAG_STRIPE_FROM_HOME => {
+                let at = 1 + 2 * ID_BYTES;
+                let stripe = u16::from_le_bytes([bytes[at + 4], bytes[at + 5]]);
+                let stripes = u16::from_le_bytes([bytes[at + 6], bytes[at + 7]]);
+                if stripes == 0 || stripes > STRIPES_MAX || stripe >= stripes {
+                    return Err(FrameError::BadStripe { stripe, stripes });
+                }
+                Self::Stripe {
+                    id: ChunkId::from_bytes(id),
+                    object: ObjectId::from_bytes(id_at(bytes, 1 + ID_BYTES)),
+                    index: u32_at(bytes, at),
+                    stripe,
+                    stripes,
+                    from_home: tag == TAG_STRIPE_FROM_HOME,
+                }
+            }
             _ => {
                 let (offset, length) = (u32_at(bytes, 1 + ID_BYTES), u32_at(bytes, 5 + ID_BYTES));
                 let end = u64::from(offset) + u64::from(length);
@@ -445,6 +524,18 @@ mod tests {
             (any::<[u8; 32]>(), 0..CHUNK_BYTES_MAX)
                 .prop_flat_map(|(b, offset)| { (Just(b), Just(offset), 0..=(CHUNK_BYTES_MAX - offset)) })
                 .prop_map(|(b, offset, length)| Request::GetChunk { id: ChunkId::from_bytes(b), offset, length }),
+            (any::<[u8; 32]>(), any::<[u8; 32]>(), any::<u32>(), 1..=STRIPES_MAX, any::<bool>())
+                .prop_flat_map(|(c, o, index, stripes, from_home)| {
+                    (Just(c), Just(o), Just(index), 0..stripes, Just(stripes), Just(from_home))
+                })
+                .prop_map(|(c, o, index, stripe, stripes, from_home)| Request::Stripe {
+                    id: ChunkId::from_bytes(c),
+                    object: ObjectId::from_bytes(o),
+                    index,
+                    stripe,
+                    stripes,
+                    from_home
+                }),
         ]
     }
 
@@ -518,7 +609,47 @@ mod tests {
         let mut range = Request::GetChunk { id: ChunkId::of(b"x"), offset: 0, length: 0 }.encode();
         range[33..37].copy_from_slice(&CHUNK_BYTES_MAX.to_le_bytes());
         assert!(matches!(Request::decode(&range), Err(FrameError::BadRange { .. })));
+        // A stripe request names a stripe that exists.
+        let stripe = |stripe: u16, stripes: u16| {
+            let request = Request::Stripe {
+                id: ChunkId::of(b"x"),
+                object: ObjectId::from_bytes([1; 32]),
+                index: 0,
+                stripe,
+                stripes,
+                from_home: false,
+            };
+            Request::decode(&request.encode())
+        };
+        assert!(matches!(stripe(0, 0), Err(FrameError::BadStripe { .. })));
+        assert!(matches!(stripe(4, 4), Err(FrameError::BadStripe { .. })));
+        assert!(matches!(stripe(0, STRIPES_MAX + 1), Err(FrameError::BadStripe { .. })));
+        assert!(matches!(stripe(STRIPES_MAX - 1, STRIPES_MAX), Ok(Some(_))));
         assert_eq!(Request::decode(&[9]), Err(FrameError::UnknownTag(9)));
+    }
+
+    proptest! {
+        #[test]
+        fn the_stripes_of_a_chunk_share_its_pieces_out_exactly_once(length in 1usize..=CHUNK_BYTES_MAX as usize, stripes in 1..=STRIPES_MAX) {
+            // Goal: every byte of the chunk is in exactly one stripe, each stripe's ranges
+            // come in order, and stripe_length adds them up.
+            let mut covered = vec![0u8; length.div_ceil(STRIPE_PIECE_BYTES)];
+            let mut total = 0;
+            for stripe in 0..stripes {
+                let ranges: Vec<_> = stripe_pieces(length, stripe, stripes).collect();
+                prop_assert!(ranges.windows(2).all(|pair| pair[0].end <= pair[1].start));
+                for range in &ranges {
+                    prop_assert!(range.start % STRIPE_PIECE_BYTES == 0 && !range.is_empty() && range.end <= length);
+                    covered[range.start / STRIPE_PIECE_BYTES] += 1;
+                }
+                let bytes: usize = ranges.iter().map(|range| range.len()).sum();
+                prop_assert_eq!(stripe_length(length, stripe, stripes), bytes);
+                total += bytes;
+            }
+            prop_assert_eq!(total, length);
+            prop_assert!(covered.iter().all(|count| *count == 1));
+            prop_assert_eq!(stripe_pieces(length, stripes, stripes).count(), 0);
+        }
     }
 
     #[test]

@@ -289,6 +289,68 @@ async fn readers_of_a_fresh_object_take_each_chunk_from_its_only_holder_about_on
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_take_chunks_in_stripes_and_a_relayer_of_corrupt_stripes_is_caught() {
+    // Goal: five hosts reading at once an object only the origin holds (a node outside the
+    // mesh put it) take its chunks in stripes, each relayed by one of them, and every reader
+    // still gets the exact bytes
+    // when one of them sends corrupt bytes for everything it serves: a chunk assembled
+    // from its stripes fails its check, the reader gets the chunk whole from its home and
+    // avoids the relayer. Upload budgets stretch the reads over a few seconds.
+    const CHUNKS: u64 = 48;
+    const UPLOAD: &str = "40MiB";
+    let seed = test_seed();
+    let shared = tempfile::tempdir().unwrap();
+    let origin = format!("file://{}", shared.path().join("origin").display());
+    let key = cluster_key(shared.path(), "cluster.key");
+    // Outside the mesh: the readers know no host holding the whole object (with one they
+    // do not stripe).
+    let seeder = Daemon::start_with(DaemonOptions::default().with_origin_url(&origin)).await;
+    let mut readers: Vec<Daemon> = Vec::new();
+    for index in 0..5 {
+        let bootstrap = match readers.first() {
+            Some(first) => Some(p2p_address(first).await),
+            None => None,
+        };
+        let mut options =
+            mesh_options(&origin, &key, "dc-a", bootstrap.as_deref()).with_args(&["--upload-limit", UPLOAD]);
+        if index == 0 {
+            options = options.with_args(&["--fault-corrupt-served-chunks", "true"]);
+        }
+        readers.push(Daemon::start_with(options).await);
+    }
+    let everyone: Vec<&Daemon> = readers.iter().collect();
+    wait_members(&everyone, 4).await;
+
+    let (id, digest) = put_checked(&seeder.client(), Pattern::new(seed), CHUNKS * CHUNK).await;
+    let clients: Vec<_> = readers.iter().map(Daemon::client).collect();
+    tokio::join!(
+        assert_reads_back(&clients[0], &id, &digest),
+        assert_reads_back(&clients[1], &id, &digest),
+        assert_reads_back(&clients[2], &id, &digest),
+        assert_reads_back(&clients[3], &id, &digest),
+        assert_reads_back(&clients[4], &id, &digest),
+    );
+
+    let (mut assembled, mut failed) = (0.0, 0.0);
+    for reader in &readers[1..] {
+        let metrics = reader.metrics().await;
+        assembled += metrics.sum("cachemesh_stripes_total", &[("outcome", "assembled")]);
+        failed += metrics.sum("cachemesh_verify_failures_total", &[("source", "stripes")]);
+    }
+    assert!(assembled > 0.0, "no chunk was taken in stripes");
+    assert!(failed > 0.0, "no chunk assembled with the corrupt relayer's stripe failed its check");
+    let faulty = readers[0].status().await.mesh.expect("a mesh").node_id;
+    let mut caught = false;
+    for reader in &readers[1..] {
+        let (status, body) = reader.client().send_bytes(Method::GET, "/v1/peers", Bytes::new()).await.unwrap();
+        assert!(status.is_success(), "/v1/peers: {status}");
+        let listed: PeersResponse = serde_json::from_slice(&body).unwrap();
+        caught |= listed.peers.iter().any(|peer| peer.node_id == faulty && peer.corrupt_chunks > 0);
+    }
+    assert!(caught, "no reader counted corrupt chunks against the faulty node");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_pinning_a_fresh_object_at_once_warm_it_from_each_other() {
     // Goal: two nodes pin an object only its putter holds, at the same time. Each warms its
     // cache in its own order (chunks the other already holds first, and a couple of fresh

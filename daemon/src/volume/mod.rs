@@ -680,7 +680,7 @@ impl Volumes {
     async fn warm(&self, object: ObjectId) -> Result<PrefetchResponse, VolumeError> {
         let manifest = self.inner.objects.open(&object).await?;
         let fetcher = self.inner.objects.fetcher().clone();
-        let context = Arc::new(ObjectContext { object });
+        let context = Arc::new(ObjectContext::new(object, &manifest));
         let mut warmed = PrefetchResponse {
             files: 1,
             bytes: manifest.length(),
