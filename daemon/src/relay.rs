@@ -184,28 +184,19 @@ impl RelayFeed {
 
     /// Ends the relay verified: `chunk` is what was fed, checked against its id. What was
     /// not copied (nobody was reading) is handed out from `chunk` itself.
-    pub fn finish(mut self, chunk: &VerifiedChunk) {
-        if chunk.bytes().len() != self.received || self.received != self.length {
-            self.fail();
-            return;
-        }
-        let mut state = self.relay.lock();
-        if !self.pending.is_empty() {
-            state.pieces.push(self.pending.split().freeze());
-        }
-        if self.copied < self.length {
-            state.pieces.push(chunk.bytes().slice(self.copied..));
-        }
-        state.end = End::Verified;
-        drop(state);
-        self.finished = true;
-        self.relay.notify();
+    pub fn finish(self, chunk: &VerifiedChunk) {
+        self.complete(chunk.bytes());
     }
 
-    /// Ends the relay of a stripe (a byte range of a chunk, see `crate::stripe`) complete:
+    /// Ends the relay of a stripe (some pieces of a chunk, see `crate::stripe`) complete:
     /// `bytes` is what was fed. A stripe cannot be verified alone; whoever assembles the
     /// chunk verifies it, so the relay lets its readers have the last piece too.
-    pub fn finish_stripe(mut self, bytes: &Bytes) {
+    pub fn finish_stripe(self, bytes: &Bytes) {
+        self.complete(bytes);
+    }
+
+    /// Ends the relay with every byte handed out: `bytes` is what was fed.
+    fn complete(mut self, bytes: &Bytes) {
         if bytes.len() != self.received || self.received != self.length {
             self.fail();
             return;
