@@ -36,7 +36,7 @@ use crate::relay::{Relay, RelayReader, StripeReader};
 use crate::store::{Store, StoreError};
 use crate::stripe::{StripeEntry, StripeTable};
 use crate::transport::{PeerTarget, StripeAnswer};
-use cachemesh_proto::frames::{stripe_length, stripe_pieces};
+use cachemesh_proto::frames::{stripe_bytes, stripe_length, stripe_pieces};
 
 /// Where a chunk came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,6 +78,21 @@ pub enum FetchError {
     /// The fetch task died.
     #[error("fetch of chunk {0} was interrupted")]
     Interrupted(ChunkId),
+}
+
+/// Why this node could not answer a peer's stripe request.
+#[derive(Debug, thiserror::Error)]
+pub enum StripeError {
+    /// Reading the chunk, or fetching it as its home, failed.
+    #[error(transparent)]
+    Fetch(#[from] FetchError),
+    /// As a relayer: this node is the chunk's first home candidate in its own view of the
+    /// DC (the asker's differs), or holds `STRIPES_HELD_MAX` stripes already.
+    #[error("cannot relay this stripe: this node is the chunk's home in its view, or holds too many stripes")]
+    CannotRelay,
+    /// As a relayer: its fetch of the stripe from the chunk's home failed.
+    #[error("fetching the stripe from the chunk's home failed")]
+    FetchFailed,
 }
 
 /// Fetched chunks that may wait to be written to the store at once (64 MiB of 4 MiB chunks):
@@ -358,7 +373,7 @@ impl Fetcher {
         of: (ObjectId, usize),
         stripe: (u16, u16),
         from_home: bool,
-    ) -> Result<StripeAnswer, FetchError> {
+    ) -> Result<StripeAnswer, StripeError> {
         // A stripe this node relays is answered from memory while it is kept, rather than
         // by reading (and checking) the whole chunk from disk once per reader.
         if !from_home
@@ -368,18 +383,20 @@ impl Fetcher {
             return Ok(StripeAnswer::Arriving(reader));
         }
         if let Some(bytes) = self.store.read_chunk(&id).await.map_err(|error| FetchError::Store(Arc::new(error)))? {
-            return Ok(StripeAnswer::Whole(stripe_of(&bytes, stripe)));
+            return Ok(StripeAnswer::Whole(stripe_bytes(&bytes, stripe.0, stripe.1).into()));
         }
         if from_home {
             return Ok(match self.home_chunk(id, Some(of)).await? {
-                HomeAnswer::Whole(bytes) => StripeAnswer::Whole(stripe_of(&bytes, stripe)),
+                HomeAnswer::Whole(bytes) => StripeAnswer::Whole(stripe_bytes(&bytes, stripe.0, stripe.1).into()),
                 HomeAnswer::Arriving { length, reader, .. } => {
                     StripeAnswer::Arriving(StripeReader::new(reader, stripe_pieces(length, stripe.0, stripe.1)))
                 }
             });
         }
-        let entry = self.relay_stripe(id, of, stripe, None).ok_or(FetchError::Interrupted(id))?;
-        entry.reader().await.map(StripeAnswer::Arriving).ok_or(FetchError::Interrupted(id))
+        let Some(entry) = self.relay_stripe(id, of, stripe, None) else {
+            return Err(StripeError::CannotRelay);
+        };
+        entry.reader().await.map(StripeAnswer::Arriving).ok_or(StripeError::FetchFailed)
     }
 
     /// This node's relay of stripe `stripe` of chunk `id` (`length` bytes when known):
@@ -462,7 +479,7 @@ impl Fetcher {
                 let whole = mesh.race(vec![Attempt::Home(*home, Some(of))], id, Some(of)).await?.0;
                 // Whoever sent a stripe that differs from the checked chunk sent corrupt bytes.
                 for (stripe, bytes, source) in &sources {
-                    if stripe_of(whole.bytes(), (*stripe, stripes)) != bytes
+                    if stripe_bytes(whole.bytes(), *stripe, stripes) != bytes[..]
                         && let Some(peer) = source
                     {
                         mesh.penalise_corrupt(peer, id);
@@ -669,15 +686,6 @@ impl Fetcher {
         };
         Ok(self.keep(chunk, Source::Origin, object))
     }
-}
-
-/// The bytes of stripe `stripe` (of how many) of a whole chunk, joined.
-fn stripe_of(chunk: &Bytes, (stripe, stripes): (u16, u16)) -> Bytes {
-    let mut out = bytes::BytesMut::with_capacity(stripe_length(chunk.len(), stripe, stripes));
-    for range in stripe_pieces(chunk.len(), stripe, stripes) {
-        out.extend_from_slice(&chunk[range]);
-    }
-    out.freeze()
 }
 
 fn record(source: Source, started: Instant) {

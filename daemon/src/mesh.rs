@@ -44,7 +44,7 @@ use tokio_util::sync::CancellationToken;
 use crate::chunk::VerifiedChunk;
 pub use crate::discovery::parse_listen_addr;
 use crate::discovery::{BootstrapAddr, Discovery, DiscoveryConfig};
-use crate::fetch::{FetchError, Fetcher, HomeAnswer, Source};
+use crate::fetch::{FetchError, Fetcher, HomeAnswer, Source, StripeError};
 use crate::hedge::HedgePolicy;
 use crate::identity::{ClusterKey, NodeIdentity};
 use crate::placement::{Position, home_order, object_home_order};
@@ -371,7 +371,10 @@ impl ChunkService for Serve {
         stripe: (u16, u16),
         from_home: bool,
     ) -> Result<StripeAnswer, HomeFetchError> {
-        self.fetcher.stripe_for_peer(id, (of.0, of.1 as usize), stripe, from_home).await.map_err(home_fetch_error)
+        self.fetcher.stripe_for_peer(id, (of.0, of.1 as usize), stripe, from_home).await.map_err(|error| match error {
+            StripeError::Fetch(error) => home_fetch_error(error),
+            other => HomeFetchError::Internal(other.to_string()),
+        })
     }
 
     async fn home_fetch(&self, id: ChunkId, of: Option<(ObjectId, u32)>) -> Result<HomeChunk, HomeFetchError> {

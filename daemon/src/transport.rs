@@ -2206,7 +2206,7 @@ mod tests {
     use std::net::{IpAddr, Ipv4Addr};
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    use cachemesh_proto::frames::{STRIPE_PIECE_BYTES, stripe_length, stripe_pieces};
+    use cachemesh_proto::frames::{STRIPE_PIECE_BYTES, stripe_bytes, stripe_length, stripe_pieces};
     use futures::FutureExt;
     use tokio::sync::oneshot;
 
@@ -2274,11 +2274,7 @@ mod tests {
         ) -> Result<StripeAnswer, HomeFetchError> {
             self.calls.fetch_add(1, Ordering::SeqCst);
             if let Some(chunk) = self.chunks.get(&id) {
-                let mut out = Vec::new();
-                for range in stripe_pieces(chunk.len(), stripe, stripes) {
-                    out.extend_from_slice(&chunk[range]);
-                }
-                return Ok(StripeAnswer::Whole(Bytes::from(out)));
+                return Ok(StripeAnswer::Whole(stripe_bytes(chunk, stripe, stripes).into()));
             }
             if let Some((relay, _)) = self.arriving.get(&id) {
                 let mut reader = relay.reader();

@@ -87,6 +87,15 @@ pub fn stripe_pieces(length: usize, stripe: u16, stripes: u16) -> impl Iterator<
         .map(move |piece| piece * STRIPE_PIECE_BYTES..((piece + 1) * STRIPE_PIECE_BYTES).min(length))
 }
 
+/// The bytes of stripe `stripe` of `stripes` of `chunk`, joined in order.
+pub fn stripe_bytes(chunk: &[u8], stripe: u16, stripes: u16) -> Vec<u8> {
+    let mut out = Vec::with_capacity(stripe_length(chunk.len(), stripe, stripes));
+    for range in stripe_pieces(chunk.len(), stripe, stripes) {
+        out.extend_from_slice(&chunk[range]);
+    }
+    out
+}
+
 /// Bytes in stripe `stripe` of `stripes` of a chunk of `length` bytes.
 pub fn stripe_length(length: usize, stripe: u16, stripes: u16) -> usize {
     stripe_pieces(length, stripe, stripes).map(|range| range.len()).sum()
